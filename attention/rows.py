@@ -1,0 +1,96 @@
+"""The batch-row layout: which row of a UNet call plays which role.
+
+The sampler hands the model ``len(cond_or_uncond)`` equal chunks (one per CFG
+branch, 0 = positive, 1 = negative, in any order and possibly in separate
+calls). Controls may append extra rows (a reference stream, a subject stream,
+...). Attention code reads roles from this layout, never from fixed positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROLE_COND = "cond"
+ROLE_UNCOND = "uncond"
+ROLE_REFERENCE = "reference"
+ROLE_SUBJECT = "subject"
+ROLE_CONDITION = "condition"
+
+SAMPLER_ROLES = (ROLE_COND, ROLE_UNCOND)
+# ComfyUI's cond_or_uncond codes.
+_BRANCH_ROLE = {0: ROLE_COND, 1: ROLE_UNCOND}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One batch row.
+
+    role:   what the row is (cond, uncond, reference, ...).
+    item:   index of the latent batch item the row belongs to (sampler rows),
+            or the index inside its stream (extra rows).
+    source: for extra rows, the name of the stream that appended it, so two
+            controls with streams of the same role stay apart.
+    """
+
+    role: str
+    item: int = 0
+    source: str | None = None
+
+    @property
+    def is_sampler_row(self) -> bool:
+        return self.source is None
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    rows: tuple[Row, ...]
+
+    @classmethod
+    def from_cond_or_uncond(cls, cond_or_uncond: list[int], batch_size: int) -> "RowLayout":
+        """Layout of a sampler call: equal chunks, one per entry of ``cond_or_uncond``."""
+        chunks = len(cond_or_uncond)
+        if chunks == 0 or batch_size % chunks != 0:
+            raise ValueError(
+                f"row layout: expected a batch divisible into {chunks} CFG chunks, got {batch_size} rows"
+            )
+        per_chunk = batch_size // chunks
+        rows = []
+        for code in cond_or_uncond:
+            role = _BRANCH_ROLE.get(int(code))
+            if role is None:
+                raise ValueError(f"row layout: expected cond_or_uncond codes 0 or 1, got {code}")
+            rows.extend(Row(role, item) for item in range(per_chunk))
+        return cls(tuple(rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_sampler_rows(self) -> int:
+        return sum(1 for row in self.rows if row.is_sampler_row)
+
+    def with_extra(self, extra: list[Row] | tuple[Row, ...]) -> "RowLayout":
+        for row in extra:
+            if row.is_sampler_row:
+                raise ValueError(f"row layout: extra rows need a source, got {row}")
+        return RowLayout(self.rows + tuple(extra))
+
+    def indices(self, role: str, source: str | None = None) -> list[int]:
+        """Row indices with this role (and, for extra rows, this source)."""
+        return [
+            i
+            for i, row in enumerate(self.rows)
+            if row.role == role and (source is None or row.source == source)
+        ]
+
+    def has(self, role: str, source: str | None = None) -> bool:
+        return bool(self.indices(role, source))
+
+    def index_tensor(self, role: str, device: torch.device, source: str | None = None) -> torch.Tensor:
+        return torch.tensor(self.indices(role, source), dtype=torch.long, device=device)
+
+    def items(self, role: str) -> list[int]:
+        """Batch-item index of every row of ``role``, in row order."""
+        return [row.item for row in self.rows if row.role == role]

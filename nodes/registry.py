@@ -1,0 +1,42 @@
+"""The pack's ComfyExtension: collects the node classes of every node module."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+from comfy_api.latest import ComfyExtension, io
+
+logger = logging.getLogger("qkv_control")
+
+# Each module lists its node classes in a module-level ``NODES`` list.
+NODE_MODULES = (
+    "attention_nodes",
+)
+
+# Loader nodes for tiny random-weight models. They stand in for the core loaders
+# (which cannot recognise tiny models) in the test suite and `make demo`'s tiny
+# mode, and are never registered in a user's normal ComfyUI.
+TINY_MODELS_ENV = "QKV_CONTROL_TINY_MODELS"
+TINY_NODE_MODULES = ("tiny_loaders",)
+
+
+def tiny_models_enabled() -> bool:
+    return os.environ.get(TINY_MODELS_ENV, "") == "1"
+
+
+def collect_nodes() -> list[type[io.ComfyNode]]:
+    names = list(NODE_MODULES)
+    if tiny_models_enabled():
+        names += TINY_NODE_MODULES
+    nodes: list[type[io.ComfyNode]] = []
+    for name in names:
+        module = importlib.import_module(f"{__package__}.{name}")
+        nodes.extend(module.NODES)
+    return nodes
+
+
+class QKVControlExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return collect_nodes()

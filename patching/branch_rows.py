@@ -1,0 +1,84 @@
+"""Appending extra branch rows (reference, subject, condition streams) to a UNet call.
+
+Everything batched to the model input is extended consistently: latent, sigma,
+cross-attention context, concat conditioning, other per-row conditionings and
+ControlNet residuals (zeros for extra rows, so control never leaks into a
+reference stream; ComfyUI would otherwise skip a residual whose batch does not
+match, with only a warning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..attention.rows import ROLE_COND, Row, RowLayout
+from .control import ExtraRow
+
+
+def repeat_to_tokens(context: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Repeat a context to ``tokens`` tokens, as ComfyUI's ``cond_cat`` does: attention
+    over a sequence repeated r times equals attention over the sequence once."""
+    n = context.shape[1]
+    if tokens % n != 0:
+        raise ValueError(f"branch rows: cannot repeat a {n}-token context to {tokens} tokens")
+    return context.repeat(1, tokens // n, 1)
+
+
+def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    widths = {c.shape[-1] for c in contexts}
+    if len(widths) != 1:
+        raise ValueError(f"branch rows: expected one context width, got {sorted(widths)} (model family mismatch?)")
+    tokens = math.lcm(*(c.shape[1] for c in contexts))
+    return torch.cat([repeat_to_tokens(c, tokens) for c in contexts])
+
+
+def _template_row(layout: RowLayout) -> int:
+    """A positive sampler row to copy per-row inputs from (row 0 if there is none)."""
+    cond_rows = layout.indices(ROLE_COND)
+    return cond_rows[0] if cond_rows else 0
+
+
+def _extend(value, batch: int, extras: list[ExtraRow], name: str, template: int):
+    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
+        return value
+    parts = [value]
+    for row in extras:
+        own = row.conds.get(name)
+        parts.append(own.to(value) if own is not None else value[template:template + 1])
+    return torch.cat(parts)
+
+
+def _pad_control(control, extra_count: int):
+    if control is None:
+        return None
+    padded = {}
+    for name, residuals in control.items():
+        if isinstance(residuals, list):
+            padded[name] = [
+                torch.cat([r, r.new_zeros((extra_count,) + tuple(r.shape[1:]))]) if torch.is_tensor(r) else r
+                for r in residuals
+            ]
+        else:
+            padded[name] = residuals
+    return padded
+
+
+def append_rows(x, sigma, c_concat, c_crossattn, control, conds: dict, layout: RowLayout,
+                extras: list[tuple[str, ExtraRow]]):
+    """Return the inputs with ``extras`` ((source, row) pairs) appended, and the new layout."""
+    batch = x.shape[0]
+    rows = [row for _, row in extras]
+    template = _template_row(layout)
+    x_ext = torch.cat([x] + [r.x.to(x) for r in rows])
+    sigma_ext = torch.cat([sigma] + [
+        (r.sigma if r.sigma is not None else sigma[:1]).reshape(-1).to(sigma) for r in rows
+    ])
+    context_ext = c_crossattn
+    if c_crossattn is not None:
+        context_ext = cat_contexts([c_crossattn] + [r.context.to(c_crossattn) for r in rows])
+    concat_ext = _extend(c_concat, batch, rows, "c_concat", template)
+    conds_ext = {name: _extend(value, batch, rows, name, template) for name, value in conds.items()}
+    new_layout = layout.with_extra([Row(r.role, r.item, source) for source, r in extras])
+    return x_ext, sigma_ext, concat_ext, context_ext, _pad_control(control, len(rows)), conds_ext, new_layout

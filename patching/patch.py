@@ -1,0 +1,104 @@
+"""Registering controls on a model, and the two keyed wrappers that run them.
+
+- OUTER_SAMPLE: creates the run's RunState, frees it in ``finally``.
+- APPLY_MODEL:  computes the row layout, appends the controls' extra rows,
+                installs the routed attention patches, removes the extra rows
+                from the output.
+The model given to a node is never mutated: ``add_control`` works on a clone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_patcher
+import comfy.patcher_extension
+from comfy.patcher_extension import WrappersMP
+
+from ..attention.rows import RowLayout
+from . import keys
+from .branch_rows import append_rows
+from .control import AttentionControl, ModelCall
+from .router import install_routes
+from .run_state import RunState
+
+logger = logging.getLogger("qkv_control")
+
+
+def add_control(model, control: AttentionControl):
+    """A clone of ``model`` (a ModelPatcher) with ``control`` registered on its router."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    to[keys.CONTROLS] = tuple(to.get(keys.CONTROLS, ())) + (control,)
+    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, keys.WRAPPER)
+    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, keys.WRAPPER)
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, keys.WRAPPER, outer_sample_wrapper)
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, keys.WRAPPER, apply_model_wrapper)
+    return m
+
+
+def registered_controls(model) -> tuple[AttentionControl, ...]:
+    return tuple(model.model_options.get("transformer_options", {}).get(keys.CONTROLS, ()))
+
+
+def set_transformer_option(model, key: str, value):
+    """A clone of ``model`` with one configuration entry in ``transformer_options``."""
+    m = model.clone()
+    m.model_options.setdefault("transformer_options", {})[key] = value
+    return m
+
+
+_OUTER_SAMPLE_ARGS = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask")
+
+
+def _sample_arg(name, args, kwargs):
+    i = _OUTER_SAMPLE_ARGS.index(name)
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    original_options = guider.model_options
+    controls = original_options.get("transformer_options", {}).get(keys.CONTROLS, ())
+    if not controls:
+        return executor(*args, **kwargs)
+    run = RunState(guider.model_patcher, controls,
+                   sample_sigmas=_sample_arg("sigmas", args, kwargs),
+                   latent_image=_sample_arg("latent_image", args, kwargs),
+                   noise=_sample_arg("noise", args, kwargs))
+    try:
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+        guider.model_options["transformer_options"][keys.RUN] = run
+        run.start()
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+        run.close()
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                        transformer_options={}, **kwargs):
+    controls = transformer_options.get(keys.CONTROLS, ())
+    if not controls:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    run = transformer_options.get(keys.RUN)
+    if run is None:
+        raise RuntimeError(
+            "QKV Control: the patched model was called outside a ComfyUI sampling run "
+            "(expected KSampler, SamplerCustom or another CFGGuider-based sampler)"
+        )
+    batch = x.shape[0]
+    layout = RowLayout.from_cond_or_uncond(transformer_options["cond_or_uncond"], batch)
+    call = ModelCall(x, t, layout, c_crossattn, kwargs, run, transformer_options)
+    extras = [(c.name, row) for c in controls for row in c.extra_rows(call)]
+    if extras:
+        x, t, c_concat, c_crossattn, control, kwargs, layout = append_rows(
+            x, t, c_concat, c_crossattn, control, kwargs, layout, extras)
+    options = transformer_options.copy()
+    options[keys.ROWS] = layout
+    options["patches_replace"] = install_routes(transformer_options.get("patches_replace", {}), run)
+    out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    for offset, (_, row) in enumerate(extras):
+        if row.on_output is not None:
+            row.on_output(out[batch + offset:batch + offset + 1])
+    return out[:batch]

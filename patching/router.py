@@ -1,0 +1,72 @@
+"""The attention router: one replace patch per touched layer, chaining every control
+registered on the model and, at the end of the chain, whatever attention was there
+before (another pack's replace patch, or ComfyUI's optimized attention)."""
+
+from __future__ import annotations
+
+import comfy.ldm.modules.attention as comfy_attention
+
+from ..attention.layers import AttentionLayer
+from . import keys
+from .control import AttentionCall
+
+
+class RoutedAttention:
+    """A replace patch ``fn(q, k, v, extra_options)`` for one layer."""
+
+    def __init__(self, layer: AttentionLayer, controls, foreign, run):
+        self.layer = layer
+        self.controls = tuple(controls)
+        self.foreign = foreign
+        self.run = run
+
+    def _base(self, extra_options):
+        heads = extra_options["n_heads"]
+        foreign = self.foreign
+
+        def attend(q, k, v, mask=None):
+            if foreign is not None and mask is None:
+                return foreign(q, k, v, extra_options)
+            # Looked up at call time: the backend is chosen by ComfyUI's startup flags.
+            return comfy_attention.optimized_attention(
+                q, k, v, heads, mask=mask,
+                attn_precision=extra_options.get("attn_precision"),
+                transformer_options=extra_options,
+            )
+
+        return attend
+
+    def __call__(self, q, k, v, extra_options):
+        call = AttentionCall(self.layer, extra_options[keys.ROWS], self.run, extra_options)
+        attend = self._base(extra_options)
+        for control in reversed(self.controls):
+            attend = _link(control, call, attend)
+        return attend(q, k, v)
+
+
+def _link(control, call, attend_next):
+    def attend(q, k, v, mask=None):
+        if mask is not None:
+            # A control further up the chain asked for masked attention: that is
+            # plain attention for the controls below, not their business.
+            return attend_next(q, k, v, mask=mask)
+        return control.attend(call, q, k, v, attend_next)
+
+    return attend
+
+
+def install_routes(patches_replace: dict, run) -> dict:
+    """A copy of ``patches_replace`` with a RoutedAttention on every layer a control
+    touches; whatever was installed there is kept as the end of the chain."""
+    if not run.routes:
+        return patches_replace
+    result = dict(patches_replace)
+    for (kind, key), controls in run.routes.items():
+        slot = dict(result.get(kind, {}))
+        block_key = key[:2]
+        foreign = slot.get(key, slot.get(block_key))
+        if isinstance(foreign, RoutedAttention):  # ours from an outer call: never nest
+            foreign = foreign.foreign
+        slot[key] = RoutedAttention(run.layers_by_key[(kind, key)], controls, foreign, run)
+        result[kind] = slot
+    return result

