@@ -1,0 +1,63 @@
+"""Loader nodes for tiny random-weight models.
+
+ComfyUI's core loaders recognise real checkpoints only, so the test suite and
+`make demo`'s tiny mode substitute these for CheckpointLoaderSimple and
+CLIPVisionLoader. Registered only when QKV_CONTROL_TINY_MODELS=1.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..tiny.models import FAMILIES, cached_clip_vision, tiny_checkpoint
+
+
+class QKVTinyCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QKVTinyCheckpointLoader",
+            display_name="Tiny Checkpoint (test)",
+            category="QKV Control/testing",
+            description="Builds a tiny random-weight SD1.5- or SDXL-shaped checkpoint with ComfyUI's own "
+                        "model classes. For tests and the demo without model files; images are noise-like.",
+            inputs=[
+                io.Combo.Input("family", options=list(FAMILIES), default="sd15",
+                               tooltip="Which real model family's block structure the tiny UNet copies."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the random weights; the same seed gives the same model."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The tiny UNet."),
+                io.Clip.Output(tooltip="A tiny CLIP text encoder using ComfyUI's bundled tokenizer."),
+                io.Vae.Output(tooltip="A random-weight TAESD autoencoder."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, family: str, seed: int) -> io.NodeOutput:
+        model, clip, vae = tiny_checkpoint(family, seed)
+        return io.NodeOutput(model, clip, vae)
+
+
+class QKVTinyCLIPVisionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QKVTinyCLIPVisionLoader",
+            display_name="Tiny CLIP Vision (test)",
+            category="QKV Control/testing",
+            description="Builds a tiny random-weight CLIP vision model (ViT, width 64) for tests and the demo.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the random weights; the same seed gives the same model."),
+            ],
+            outputs=[io.ClipVision.Output(tooltip="The tiny CLIP vision model.")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(cached_clip_vision(seed))
+
+
+NODES = [QKVTinyCheckpointLoader, QKVTinyCLIPVisionLoader]

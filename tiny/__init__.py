@@ -1,0 +1,1 @@
+"""Tiny random-weight models built with ComfyUI's own classes, for tests and `make demo`'s tiny mode."""
