@@ -1,0 +1,49 @@
+"""What the inversion node hands on: the chain plus everything needed to run it as a
+batch row of the same model. ComfyUI IO type: ``QKV_INVERSION``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .chain import InvertedChain
+
+# Name of the custom ComfyUI IO type carrying an InversionResult between nodes.
+INVERSION_TYPE = "QKV_INVERSION"
+
+
+@dataclass(frozen=True, eq=False)
+class InversionResult:
+    """A DDIM-inverted reference (one or more images of one size).
+
+    chain:          latents at every sigma of the inversion schedule (sampler x-space)
+    context:        the cross-attention context the model saw during inversion,
+                    [1, T, D] (the inversion prompt; empty prompt for cross-prompt use)
+    conds:          other per-row model inputs of that call (e.g. SDXL's ``y``), each [1, ...]
+    latent_channels, context_dim, model_family, prediction: what the inversion ran on,
+                    to reject use with an incompatible model
+    key:            cache key (image content, model, schedule, prompt)
+    """
+
+    chain: InvertedChain
+    context: torch.Tensor
+    conds: dict[str, Any] = field(default_factory=dict)
+    latent_channels: int = 4
+    context_dim: int = 768
+    model_family: str = ""
+    prediction: str = "eps"
+    key: str = ""
+
+    @property
+    def batch(self) -> int:
+        return self.chain.batch
+
+    def latent_at(self, sigma: float) -> torch.Tensor:
+        return self.chain.latent_at(sigma)
+
+    def describe(self) -> str:
+        c, h, w = self.chain.latent_shape
+        return (f"{self.model_family or 'model'} inversion: {self.chain.steps} steps, {self.batch} image(s), "
+                f"latent {c}x{h}x{w}, {self.prediction}-prediction")
