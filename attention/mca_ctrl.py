@@ -1,0 +1,309 @@
+"""MCA-Ctrl attention math: SALQ, SAGI, their masks and their step schedule.
+
+Paper: "Multi-party Collaborative Attention Control for Image Customization"
+(``papers/mca-ctrl.txt``). Three streams share one batch: the subject stream
+(inverted subject image), the condition stream (inverted scene, or a stream
+generated from noise with its own prompt) and the target stream (the image
+being sampled). Everything here is pure torch on ComfyUI's
+``[batch, tokens, heads*dim_head]`` layout; the glue that finds the rows is in
+``patching/mca_ctrl.py``.
+
+Mask conventions used throughout (all in ``[0, 1]``):
+
+- ``subject_mask`` (the paper's M_S): 1 on the subject's foreground in the
+  subject image. Dilated (3x3 by default) at each layer's token grid.
+- ``region`` (the paper's 1 - M_C): 1 where the subject goes in the target,
+  i.e. the region to replace or fill in the scene. The condition stream's
+  background is ``1 - region`` (the paper's M_C).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .sdpa import AttendFn
+
+PHASE_NONE = "none"
+PHASE_SAGI = "sagi"
+PHASE_SALQ = "salq"
+
+ORDER_SAGI_FIRST = "sagi_first"
+ORDER_SALQ_FIRST = "salq_first"
+ORDERS = (ORDER_SAGI_FIRST, ORDER_SALQ_FIRST)
+
+# A token takes part in a masked key set when its resized mask value reaches this.
+KEY_THRESHOLD = 0.5
+
+
+# ---------------------------------------------------------------------------
+# Token grids and masks
+
+
+def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+    """(h, w) of a layer with ``n_tokens`` tokens in a UNet whose latent is ``latent_hw``.
+
+    Each resolution level halves with ceil rounding (ComfyUI's stride-2
+    ``Downsample`` with padding 1), so odd latent sizes resolve too.
+    """
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    while h * w > n_tokens and h > 0 and w > 0:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if h == 1 and w == 1:
+            break
+    if h * w != n_tokens:
+        raise ValueError(
+            f"MCA-Ctrl: expected a token count of the latent {latent_hw[0]}x{latent_hw[1]} halved per level, "
+            f"got {n_tokens} tokens"
+        )
+    return h, w
+
+
+def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI MASK ([H, W] or [B, H, W]) as float [B, 1, H, W]."""
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        return mask.float()
+    if mask.ndim != 3:
+        raise ValueError(f"MCA-Ctrl: expected a MASK of shape [H, W] or [B, H, W], got {tuple(mask.shape)}")
+    return mask.float().unsqueeze(1)
+
+
+def resize_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Area-average a mask ([H, W], [B, H, W] or [B, 1, H, W]) to ``grid``: [B, h*w].
+
+    Area averaging keeps a small subject visible at coarse levels as a partial
+    value instead of dropping it the way nearest sampling would.
+    """
+    m = as_mask_batch(mask)
+    m = F.adaptive_avg_pool2d(m, grid)
+    return m.flatten(1).clamp(0.0, 1.0)
+
+
+def dilate(mask_tokens: torch.Tensor, grid: tuple[int, int], kernel: int) -> torch.Tensor:
+    """Grey-level dilation (max filter) of [B, h*w] tokens with a ``kernel`` x ``kernel`` window.
+
+    Paper (Subject Localization Module): the mask is dilated with a 3x3 kernel
+    to leave transition space around the subject. ``kernel`` <= 1 is a no-op.
+    """
+    if kernel <= 1:
+        return mask_tokens
+    b = mask_tokens.shape[0]
+    m = mask_tokens.view(b, 1, grid[0], grid[1])
+    # Even kernels are padded asymmetrically so the output keeps the grid size.
+    left = (kernel - 1) // 2
+    right = kernel - 1 - left
+    m = F.pad(m, (left, right, left, right), value=0.0)
+    return F.max_pool2d(m, kernel, stride=1).flatten(1)
+
+
+@dataclass(frozen=True)
+class LayerMasks:
+    """The masks of one layer resolution, as token vectors.
+
+    subject_keys: bool [1, N]      subject tokens whose K/V SALQ queries (M_S, dilated)
+    subject_fg:   float [1, N]     the subject foreground weight SAGI filters with (M_S, dilated)
+    region:       float [Bt, N]    target region weight (1 - M_C), per target row or shared (Bt = 1)
+    """
+
+    subject_keys: torch.Tensor
+    subject_fg: torch.Tensor
+    region: torch.Tensor
+
+    @property
+    def background_keys(self) -> torch.Tensor:
+        """bool [Bt, N]: condition tokens SALQ queries (the paper's M_C, the scene background)."""
+        return self.region < KEY_THRESHOLD
+
+
+def layer_masks(subject_mask: torch.Tensor, region_mask: torch.Tensor, latent_hw: tuple[int, int],
+                n_tokens: int, dilation: int = 3, region_dilation: int = 0) -> LayerMasks:
+    """Resize the image-space masks to one layer's token grid and dilate them."""
+    grid = token_grid(latent_hw, n_tokens)
+    subject = resize_mask(subject_mask, grid)
+    if subject.shape[0] != 1:
+        raise ValueError(f"MCA-Ctrl: expected one subject mask, got a batch of {subject.shape[0]}")
+    subject = dilate(subject, grid, dilation)
+    region = dilate(resize_mask(region_mask, grid), grid, region_dilation)
+    return LayerMasks(subject_keys=subject >= KEY_THRESHOLD, subject_fg=subject, region=region)
+
+
+# ---------------------------------------------------------------------------
+# SALQ and SAGI
+
+
+def _select_keys(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rows: int):
+    """K/V restricted to ``keep`` tokens, for ``rows`` query rows.
+
+    A key set shared by every row ([1, N]) is gathered (fewer keys, no mask);
+    per-row key sets become an additive 0/-inf float mask [rows, 1, N], which
+    every ComfyUI attention backend applies correctly (boolean masks are not).
+    Returns (k, v, mask or None).
+    """
+    if keep.shape[0] == 1:
+        index = keep[0].nonzero().squeeze(1)
+        k_sel, v_sel = k.index_select(1, index), v.index_select(1, index)
+        if k_sel.shape[0] != rows:
+            k_sel, v_sel = k_sel.expand(rows, -1, -1), v_sel.expand(rows, -1, -1)
+        return k_sel, v_sel, None
+    mask = torch.zeros(keep.shape, dtype=k.dtype, device=k.device).masked_fill(~keep, float("-inf"))
+    if k.shape[0] != rows:
+        k, v = k.expand(rows, -1, -1), v.expand(rows, -1, -1)
+    return k, v, mask.unsqueeze(1)
+
+
+def _check_nonempty(keep: torch.Tensor, needed: torch.Tensor, what: str) -> None:
+    """Rows that need a branch (``needed`` [rows]) must have at least one key in it."""
+    empty = ~keep.any(dim=-1)
+    if empty.shape[0] == 1:
+        empty = empty.expand(needed.shape[0])
+    if bool((empty & needed).any()):
+        raise ValueError(f"MCA-Ctrl SALQ: expected a non-empty {what} at this layer's resolution, got an empty one")
+
+
+def salq(q: torch.Tensor,
+         k_subject: torch.Tensor, v_subject: torch.Tensor,
+         k_condition: torch.Tensor, v_condition: torch.Tensor,
+         subject_keys: torch.Tensor, region: torch.Tensor,
+         attend: AttendFn) -> torch.Tensor:
+    """Self-Attention Local Query (paper, SALQ):
+
+        F_TS = Attn(Q_T, K_S[M_S], V_S[M_S])          subject foreground keys only
+        F_TC = Attn(Q_T, K_C[M_C], V_C[M_C])          condition background keys only
+        F*_T = M_C · F_TC + (1 - M_C) · F_TS          with M_C = 1 - region
+
+    q:            [B, Nq, C] target queries
+    k_/v_subject: [1 or B, Nk, C] the subject row's keys/values (broadcast to B)
+    k_/v_condition: [1 or B, Nk, C] each target row's condition keys/values
+    subject_keys: bool [1 or B, Nk]; region: float [1 or B, Nq] in [0, 1]
+    attend:       attend(q, k, v, mask=None), the rest of the attention chain
+
+    A branch whose fusion weight is zero for every row is not computed, so an
+    all-ones region is pure subject attention and an all-zeros region pure
+    condition attention.
+    """
+    rows = q.shape[0]
+    region = region.to(q)
+    if region.shape[0] not in (1, rows):
+        raise ValueError(f"MCA-Ctrl SALQ: expected a region mask for 1 or {rows} rows, got {region.shape[0]}")
+    background_keys = region < KEY_THRESHOLD
+    # A row needs a branch where its fusion weight is non-zero somewhere.
+    need_subject = (region > 0).any(dim=-1).expand(rows)
+    need_condition = (region < 1).any(dim=-1).expand(rows)
+    out = None
+    if bool(need_subject.any()):
+        _check_nonempty(subject_keys, need_subject, "subject mask (the subject's foreground)")
+        k, v, mask = _select_keys(k_subject, v_subject, subject_keys, rows)
+        f_subject = attend(q, k, v, mask=mask) if mask is not None else attend(q, k, v)
+        out = region.unsqueeze(-1) * f_subject
+    if bool(need_condition.any()):
+        _check_nonempty(background_keys, need_condition, "scene background (outside the target mask)")
+        k, v, mask = _select_keys(k_condition, v_condition, background_keys, rows)
+        f_condition = attend(q, k, v, mask=mask) if mask is not None else attend(q, k, v)
+        part = (1.0 - region).unsqueeze(-1) * f_condition
+        out = part if out is None else out + part
+    return out
+
+
+def sagi(out_subject: torch.Tensor, out_condition: torch.Tensor,
+         subject_fg: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Self-Attention Global Injection (paper, SAGI):
+
+        F^I_S = M_S ⊙ F_S,  F^I_C = M_C ⊙ F_C,   F*_T = M_C · F^I_C + (1 - M_C) · F^I_S
+
+    with M_C = 1 - region. The condition's background filter and its fusion
+    weight are the same mask, applied once (identical for binary masks).
+    out_subject / out_condition: [1 or B, N, C] the streams' own self-attention
+    outputs; subject_fg: [1, N]; region: [1 or B, N]. Returns [B', N, C].
+    """
+    region = region.to(out_subject).unsqueeze(-1)
+    fg = subject_fg.to(out_subject).unsqueeze(-1)
+    return (1.0 - region) * out_condition + region * (fg * out_subject)
+
+
+# ---------------------------------------------------------------------------
+# Schedule
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """Which sampling steps run SAGI and which SALQ (paper: SAGI early, SALQ after,
+    never overlapping; the reversed order is the paper's ablation).
+
+    sagi_fraction: share of the steps SAGI runs (official code: first 10%).
+    salq_end:      fraction of the steps where SALQ stops (1.0 = to the end).
+    order:         ``sagi_first`` (SAGI [0, p), SALQ [p, e)) or ``salq_first``
+                   (SALQ [0, e - p), SAGI [e - p, e)): the same durations, swapped.
+    """
+
+    sagi_fraction: float = 0.1
+    salq_end: float = 1.0
+    order: str = ORDER_SAGI_FIRST
+
+    def __post_init__(self):
+        if not 0.0 <= self.sagi_fraction <= 1.0:
+            raise ValueError(f"MCA-Ctrl: expected sagi_fraction in [0, 1], got {self.sagi_fraction}")
+        if not 0.0 <= self.salq_end <= 1.0:
+            raise ValueError(f"MCA-Ctrl: expected salq_end in [0, 1], got {self.salq_end}")
+        if self.sagi_fraction > self.salq_end:
+            raise ValueError(
+                f"MCA-Ctrl: expected sagi_fraction <= salq_end (SAGI and SALQ share the window), "
+                f"got {self.sagi_fraction} > {self.salq_end}"
+            )
+        if self.order not in ORDERS:
+            raise ValueError(f"MCA-Ctrl: expected order in {ORDERS}, got '{self.order}'")
+
+    def windows(self, steps: int) -> dict[str, tuple[int, int]]:
+        """Step windows ``[start, end)`` per phase for a run of ``steps`` steps."""
+        p = round(self.sagi_fraction * steps)
+        e = round(self.salq_end * steps)
+        if self.order == ORDER_SAGI_FIRST:
+            return {PHASE_SAGI: (0, p), PHASE_SALQ: (p, e)}
+        return {PHASE_SALQ: (0, e - p), PHASE_SAGI: (e - p, e)}
+
+    def phase(self, step: int, steps: int) -> str:
+        for name, (start, end) in self.windows(steps).items():
+            if start <= step < end:
+                return name
+        return PHASE_NONE
+
+
+# ---------------------------------------------------------------------------
+# Automatic target mask
+
+
+def top_fraction_mask(token_map: torch.Tensor, fraction: float = 0.3) -> torch.Tensor:
+    """Binary mask of the ``fraction`` highest tokens of each row of ``token_map`` [B, N].
+
+    Official MCA-Ctrl code: the target mask is the top 30% of the subject word's
+    cross-attention at 16x16.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"MCA-Ctrl: expected a top fraction in (0, 1], got {fraction}")
+    n = token_map.shape[-1]
+    count = max(1, round(fraction * n))
+    index = token_map.topk(count, dim=-1).indices
+    return torch.zeros_like(token_map).scatter_(-1, index, 1.0)
+
+
+def word_attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, token_indices: list[int]) -> torch.Tensor:
+    """Cross-attention probability of image tokens for the given text tokens, averaged over
+    heads and summed over the tokens: [B, Nq]. Only an Nq x T map (T = text tokens) is
+    built, never an image-token square."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    qh = q.view(b, nq, heads, d).transpose(1, 2)
+    kh = k.view(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
+    probs = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return probs[..., token_indices].sum(-1).mean(1)
+
+
+def normalize_map(token_map: torch.Tensor, eps: Optional[float] = 1e-8) -> torch.Tensor:
+    lo = token_map.amin(-1, keepdim=True)
+    hi = token_map.amax(-1, keepdim=True)
+    return (token_map - lo) / (hi - lo + eps)
