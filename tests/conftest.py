@@ -44,3 +44,30 @@ args.disable_smart_memory = True
 @pytest.fixture(scope="session")
 def comfyui_path() -> Path:
     return COMFYUI_PATH
+
+
+def _load_test_server_module():
+    # Loaded by path: ComfyUI's own top-level ``server`` module is on sys.path too.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qkv_tests_server", Path(__file__).with_name("server.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """The real ComfyUI ``main.py`` with the pack and tiny loaders (tests/server.py ``TestServer``).
+
+    ``.url``, ``.object_info()``, ``.api_prompt(workflow)``, ``.run(workflow)``,
+    ``.output_paths(entry)``, ``.models_directory``, ``.input_directory``. Started once per
+    session, stopped by PID at the end (also when a test fails).
+    """
+    module = _load_test_server_module()
+    server = module.start_test_server(tmp_path_factory.mktemp("comfy_server"))
+    try:
+        yield server
+    finally:
+        server.server.stop()
