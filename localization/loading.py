@@ -1,0 +1,193 @@
+"""Loading Grounding DINO and SAM from original checkpoints or Hugging Face-format folders, offline.
+
+A *file* in the original layout is converted key by key (`grounding_dino_convert`, `sam_convert`); a
+file that sits in a folder with a transformers ``config.json`` (or the folder itself) is loaded with
+``from_pretrained(local_files_only=True)``. Grounding DINO also needs bert-base-uncased's ``vocab.txt``
+(its BERT weights are inside the original checkpoint); `find_bert_dir` says where it is looked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import grounding_dino_convert as gd
+from . import sam_convert
+from .checkpoint_io import CheckpointError, read_state_dict
+
+logger = logging.getLogger("qkv_control")
+
+BERT_DIR_NAME = "bert-base-uncased"
+GROUNDING_DINO = "a Grounding DINO checkpoint"
+SAM = "a Segment Anything (SAM) checkpoint"
+
+
+@dataclass
+class GroundingDinoBundle:
+    """A loaded Grounding DINO: transformers model (eval, fp32, CPU until managed) and its BERT tokenizer."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+
+@dataclass
+class SamBundle:
+    """A loaded SAM: transformers model plus the pixel statistics (0-255 scale) its encoder expects."""
+
+    model: torch.nn.Module
+    pixel_mean: tuple[float, ...]
+    pixel_std: tuple[float, ...]
+    source: str
+
+
+def _describe(state_dict: dict) -> str:
+    if gd.is_original_grounding_dino(state_dict):
+        return "a Grounding DINO checkpoint"
+    if sam_convert.is_original_sam(state_dict):
+        return "a SAM checkpoint"
+    if any(k.startswith("model.diffusion_model.") for k in state_dict):
+        return "a Stable Diffusion checkpoint"
+    return f"a state dict with keys like {', '.join(sorted(state_dict)[:3])}"
+
+
+def hf_folder_for(path: Path, model_type: str) -> Path | None:
+    """The Hugging Face-format folder ``path`` is (or sits in), if its config.json names ``model_type``."""
+    folder = path if path.is_dir() else path.parent
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        found = json.loads(config.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return folder if found == model_type else None
+
+
+def find_bert_dir(candidates: list[Path]) -> Path:
+    """The first candidate folder holding ``vocab.txt``; a clear error listing them all otherwise."""
+    for folder in candidates:
+        if (Path(folder) / "vocab.txt").is_file():
+            return Path(folder)
+    listed = "; ".join(str(c) for c in candidates)
+    raise CheckpointError(
+        "Grounding DINO needs the bert-base-uncased tokenizer files (vocab.txt, optionally config.json "
+        f"and tokenizer_config.json) and none was found offline; expected vocab.txt in one of: {listed}"
+    )
+
+
+def load_bert_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    # BertTokenizer(vocab_file=...) ignores the file on transformers 5.x; from_pretrained reads the folder.
+    return BertTokenizer.from_pretrained(str(folder), local_files_only=True, do_lower_case=True)
+
+
+def bert_config_for(original: dict[str, torch.Tensor], bert_dir: Path | None):
+    """BERT's config: the folder's config.json when present, else read from the checkpoint's tensors
+    (head count then assumes bert-base's 64-dim heads). Shapes always win over the json."""
+    from transformers import BertConfig
+
+    words = original["bert.embeddings.word_embeddings.weight"]
+    layers = 1 + max(int(m.group(1)) for k in original if (m := re.match(r"bert\.encoder\.layer\.(\d+)\.", k)))
+    shapes = dict(
+        vocab_size=words.shape[0],
+        hidden_size=words.shape[1],
+        num_hidden_layers=layers,
+        intermediate_size=original["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=original["bert.embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=original["bert.embeddings.token_type_embeddings.weight"].shape[0],
+    )
+    json_path = bert_dir / "config.json" if bert_dir is not None else None
+    if json_path is not None and json_path.is_file():
+        config = BertConfig.from_dict(json.loads(json_path.read_text()))
+        for name, value in shapes.items():
+            setattr(config, name, value)
+        return config
+    return BertConfig(num_attention_heads=max(1, shapes["hidden_size"] // 64), **shapes)
+
+
+def _load_converted(model: torch.nn.Module, converted: dict, path: Path, what: str) -> None:
+    try:
+        result = model.load_state_dict(converted, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"expected {what} in {path}, got tensors of other shapes: {error}") from error
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    missing = [k for k in result.missing_keys if not any(p.search(k) for p in ignored)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"expected {what} in {path}, got one that leaves {len(missing)} weights missing "
+            f"(e.g. {missing[:3]}) and {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
+
+
+def load_grounding_dino(path: str | Path, bert_dirs: list[Path]) -> GroundingDinoBundle:
+    """Load Grounding DINO from an original ``.pth``/``.safetensors`` or a Hugging Face-format folder.
+
+    ``bert_dirs``: folders searched in order for bert-base-uncased's ``vocab.txt`` (an HF-format folder
+    with its own vocab.txt uses that one).
+    """
+    from transformers import GroundingDinoForObjectDetection
+
+    path = Path(path)
+    folder = hf_folder_for(path, "grounding-dino")
+    if folder is not None:
+        model = GroundingDinoForObjectDetection.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = load_bert_tokenizer(find_bert_dir([folder, *bert_dirs]))
+        return GroundingDinoBundle(model.eval().float(), tokenizer, str(folder))
+
+    original = read_state_dict(path, GROUNDING_DINO)
+    if not gd.is_original_grounding_dino(original):
+        raise CheckpointError(f"expected {GROUNDING_DINO} in {path}, got {_describe(original)}")
+    bert_dir = find_bert_dir(bert_dirs)
+    config = gd.infer_grounding_dino_config(original, bert_config_for(original, bert_dir))
+    converted, unrecognised = gd.convert_grounding_dino_state_dict(original)
+    if unrecognised:
+        logger.warning("Grounding DINO %s: %d keys not used (e.g. %s)", path.name, len(unrecognised), unrecognised[:3])
+    model = GroundingDinoForObjectDetection(config)
+    _load_converted(model, converted, path, GROUNDING_DINO)
+    tokenizer = load_bert_tokenizer(bert_dir)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise CheckpointError(
+            f"expected a vocab.txt of at most {config.text_config.vocab_size} tokens (the checkpoint's BERT) "
+            f"in {bert_dir}, got {len(tokenizer)}"
+        )
+    return GroundingDinoBundle(model.eval(), tokenizer, str(path))
+
+
+def _hf_sam_pixel_statistics(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        data = json.loads(processor.read_text())
+        if "image_mean" in data and "image_std" in data:
+            return tuple(255.0 * m for m in data["image_mean"]), tuple(255.0 * s for s in data["image_std"])
+    return sam_convert.SAM_PIXEL_MEAN, sam_convert.SAM_PIXEL_STD
+
+
+def load_sam(path: str | Path) -> SamBundle:
+    """Load SAM (any ViT size) from an original ``sam_vit_*.pth`` or a Hugging Face-format folder."""
+    from transformers import SamModel
+
+    path = Path(path)
+    folder = hf_folder_for(path, "sam")
+    if folder is not None:
+        model = SamModel.from_pretrained(str(folder), local_files_only=True)
+        mean, std = _hf_sam_pixel_statistics(folder)
+        return SamBundle(model.eval().float(), mean, std, str(folder))
+
+    original = read_state_dict(path, SAM)
+    if not sam_convert.is_original_sam(original):
+        raise CheckpointError(f"expected {SAM} in {path}, got {_describe(original)}")
+    config = sam_convert.infer_sam_config(original)
+    converted, unrecognised = sam_convert.convert_sam_state_dict(original)
+    if unrecognised:
+        logger.warning("SAM %s: %d keys not used (e.g. %s)", path.name, len(unrecognised), unrecognised[:3])
+    model = SamModel(config)
+    _load_converted(model, converted, path, SAM)
+    mean, std = sam_convert.sam_pixel_statistics(original)
+    return SamBundle(model.eval(), mean, std, str(path))
