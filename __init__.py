@@ -1,6 +1,8 @@
 """QKV Control: training-free image prompting by attention control for ComfyUI."""
 
-WEB_DIRECTORY = "./web/js"
+# Served at /extensions/qkv_control/: the frontend loads every web/js/*.js and fetches a
+# node's help page from /extensions/qkv_control/docs/<NodeId>.md (web/docs/).
+WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():

@@ -102,3 +102,40 @@ log "ready: ComfyUI $COMFY, python $VENV/bin/python"
 # name may be anything, e.g. a clone named ComfyUI-QKV-Control).
 mkdir -p "$RUNTIME/import"
 ln -sfn "$ROOT" "$RUNTIME/import/qkv_control"
+
+# --- browser test tools ---------------------------------------------------------
+# tests/test_browser.py drives Debian's chromium through playwright-core (npm, pinned in
+# tests/browser/package-lock.json, installed into $RUNTIME/node). Missing tools are reported
+# here, not fatal: the browser test then skips on a user's machine and fails in CI.
+CHROMIUM="/usr/bin/chromium"
+if [[ ! -x "$CHROMIUM" ]]; then
+    if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing Debian's chromium for the browser test (log: $RUNTIME/chromium-install.log)"
+        if ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } \
+                > "$RUNTIME/chromium-install.log" 2>&1; then
+            log "chromium install FAILED (see $RUNTIME/chromium-install.log): the browser test cannot run"
+        fi
+    else
+        log "no $CHROMIUM and no way to install it here (needs root and apt-get):" \
+            "the browser test will be skipped; install Debian's chromium to run it"
+    fi
+fi
+
+NODE_DIR="$RUNTIME/node"
+BROWSER_PKG="$ROOT/tests/browser"
+want_node_stamp="$(cat "$BROWSER_PKG/package.json" "$BROWSER_PKG/package-lock.json" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$NODE_DIR/.qkv-stamp" && "$(cat "$NODE_DIR/.qkv-stamp")" == "$want_node_stamp" \
+        && -d "$NODE_DIR/node_modules/playwright-core" ]]; then
+    :
+elif command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+    log "installing playwright-core into $NODE_DIR (npm ci, pinned by tests/browser/package-lock.json)"
+    mkdir -p "$NODE_DIR"
+    cp "$BROWSER_PKG/package.json" "$BROWSER_PKG/package-lock.json" "$NODE_DIR/"
+    if (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null); then
+        echo "$want_node_stamp" > "$NODE_DIR/.qkv-stamp"
+    else
+        log "npm ci FAILED in $NODE_DIR: the browser test cannot run"
+    fi
+else
+    log "node/npm not found: the browser test will be skipped; install Node.js >= 20 to run it"
+fi
