@@ -35,6 +35,8 @@ class InversionResult:
     model_family: str = ""
     prediction: str = "eps"
     key: str = ""
+    # ComfyUI LatentFormat of the model (process_in/process_out), for LATENT outputs
+    latent_format: Any = None
 
     @property
     def batch(self) -> int:
@@ -42,6 +44,13 @@ class InversionResult:
 
     def latent_at(self, sigma: float) -> torch.Tensor:
         return self.chain.latent_at(sigma)
+
+    def latent_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampler-space latent -> the LATENT space nodes exchange (``process_latent_out``)."""
+        return self.latent_format.process_out(x) if self.latent_format is not None else x
+
+    def latent_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.latent_format.process_in(x) if self.latent_format is not None else x
 
     def describe(self) -> str:
         c, h, w = self.chain.latent_shape
