@@ -403,14 +403,15 @@ def download_file(url: str, item: dict, timeout: float = 60) -> bytes:
     return r.content
 
 
-def upload_image(url: str, path, overwrite: bool = True, timeout: float = 60) -> str:
-    """POST /upload/image; returns the name to put into a LoadImage ``image`` input."""
+def upload_image(url: str, path, subfolder: str = "", overwrite: bool = True, timeout: float = 60) -> str:
+    """POST /upload/image into the input folder; returns the name for a LoadImage ``image`` input."""
     from pathlib import Path
 
     path = Path(path)
     with open(path, "rb") as fh:
         r = requests.post(f"{url}/upload/image", files={"image": (path.name, fh)},
-                          data={"overwrite": "true" if overwrite else "false", "type": "input"}, timeout=timeout)
+                          data={"overwrite": "true" if overwrite else "false", "type": "input",
+                                "subfolder": subfolder}, timeout=timeout)
     r.raise_for_status()
     body = r.json()
     return f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else body["name"]

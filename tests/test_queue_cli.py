@@ -1,0 +1,105 @@
+"""The batch queueing CLI (`python -m client.queue`) against the real test server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qkv_control.client.queue import Sweep, UsageError, parse_values
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "workflows" / "baseline_txt2img.json"
+
+
+def test_parse_values():
+    assert parse_values("1..3") == [1, 2, 3]
+    assert parse_values("0..10:5") == [0, 5, 10]
+    assert parse_values("3..1") == [3, 2, 1]
+    assert parse_values('["a cat", "a dog"]') == ["a cat", "a dog"]
+    assert parse_values("7.5") == [7.5]
+    assert parse_values("a lighthouse... at dusk") == ["a lighthouse... at dusk"]
+    with pytest.raises(UsageError):
+        parse_values("[]")
+
+
+def test_sweep_product_and_zip():
+    sweep = Sweep(axes={"K.seed": ("5", "seed", [1, 2, 3], False), "P.text": ("6", "text", ["a", "b"], False)})
+    items = sweep.items()
+    assert len(items) == 6 and {"K.seed": 3, "P.text": "b"} in items
+    with pytest.raises(UsageError):
+        sweep.items(zipped=True)
+
+
+def _cli(server_url: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "client.queue", str(BASELINE), "--out", str(out), "--server", server_url, "--tiny",
+            "--set", "KSampler.seed=1..3",
+            "--set", 'Positive.text=["a red fox in the snow", "a lighthouse at dusk"]',
+            "--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64",
+            "--set", "KSampler.steps=6", *extra]
+
+
+def _manifest_items(out: Path) -> list[dict]:
+    path = out / "manifest.json"
+    try:
+        return json.loads(path.read_text())["items"] if path.exists() else []
+    except ValueError:  # replaced while reading
+        return []
+
+
+@pytest.mark.server
+def test_sweep_interrupted_and_resumed(comfy_server, tmp_path):
+    out = tmp_path / "sweep"
+    first = subprocess.Popen(_cli(comfy_server.url, out), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            if sum(i["status"] == "done" for i in _manifest_items(out)) >= 2:
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, f"the first run ended before it could be interrupted:\n{first.stdout.read()}"
+        first.send_signal(signal.SIGINT)
+        first_output = first.communicate(timeout=60)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, first_output
+    done_first = {i["key"]: i["prompt_id"] for i in _manifest_items(out) if i["status"] == "done"}
+    assert 2 <= len(done_first) < 6, first_output
+
+    second = subprocess.run(_cli(comfy_server.url, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    items = _manifest_items(out)
+    assert len(items) == 6 and all(i["status"] == "done" for i in items)
+    # Finished items were not run again.
+    assert {k: i["prompt_id"] for i in items for k in [i["key"]] if k in done_first} == done_first
+    files = [f for i in items for f in i["files"]]
+    assert len(files) == 6 and len(set(files)) == 6
+    assert all((out / f).is_file() for f in files)
+    assert {(i["params"]["KSampler.seed"], i["params"]["Positive.text"]) for i in items} == {
+        (s, t) for s in (1, 2, 3) for t in ("a red fox in the snow", "a lighthouse at dusk")}
+    # Different seeds give different images.
+    assert len({(out / f).read_bytes() for f in files}) == 6
+
+
+@pytest.mark.server
+def test_failures_exit_nonzero_with_summary(comfy_server, tmp_path):
+    # No tiny substitution: the checkpoint file does not exist, so the server rejects every item.
+    cmd = [a for a in _cli(comfy_server.url, tmp_path / "bad") if a != "--tiny"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "6 item(s) failed" in result.stdout
+    assert "ckpt_name" in result.stdout  # the server's node error is shown
+
+
+@pytest.mark.server
+def test_unknown_node_is_a_usage_error(comfy_server, tmp_path):
+    cmd = _cli(comfy_server.url, tmp_path / "usage") + ["--set", "No Such Node.seed=1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no node 'No Such Node'" in result.stderr, result.stderr
