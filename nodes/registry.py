@@ -12,6 +12,7 @@ logger = logging.getLogger("qkv_control")
 
 # Each module lists its node classes in a module-level ``NODES`` list.
 NODE_MODULES = (
+    "ip_adapter_nodes",
 )
 
 # Loader nodes for tiny random-weight models. They stand in for the core loaders

@@ -15,6 +15,10 @@ ModelFileWriter = Callable[[Path], None]
 
 WRITERS: list[ModelFileWriter] = []
 
+from .ipadapter_files import write_ipadapter_files  # noqa: E402
+
+WRITERS.append(write_ipadapter_files)
+
 
 def write_all(models_dir: Path) -> list[str]:
     """Call every writer on ``models_dir``; returns the writers' names, in order."""

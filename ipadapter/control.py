@@ -1,0 +1,179 @@
+"""IP-Adapter as an attention control: image prompt tokens added to cross-attention,
+decoupled (IP-Adapter) or joint (DEADiff), per reference and per layer.
+
+One control may carry several references (DEADiff: a style reference routed to the
+fine layers, a semantic one to the coarse layers); each has its own per-layer weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import comfy.ldm.modules.attention as comfy_attention
+import torch
+
+from ..attention.cross_attention import image_attention_sum, joint_attention
+from ..attention.layers import resolve_weight_spec
+from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_UNCOND
+from ..patching.control import AttentionCall, AttentionControl
+from ..patching.image_prompt_policy import BOTH, POSITIVE_ONLY, get_policy
+from .model import ImageTokens
+
+MODES = ("decoupled", "joint")
+# Rows that see the image prompt: the sampler's branches and the e-commerce
+# condition row (its paper batches the image features with both text prompts).
+_IMAGE_ROLES = (ROLE_COND, ROLE_UNCOND, ROLE_CONDITION)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One image prompt: its tokens, an overall weight and a weight spec over the
+    cross-attention layers (``attention.layers`` syntax, e.g. ``all=1`` or ``#4-8=1``)."""
+
+    name: str
+    tokens: ImageTokens
+    weight: float = 1.0
+    weight_spec: str = "all=1"
+    # image [B, H, W, C] -> ImageTokens, for the policy's negative image (encoded at run start)
+    encode: Optional[Callable] = None
+
+
+def in_window(sigma: float, sigma_start: float, sigma_end: float) -> bool:
+    """Active while ``sigma_end <= sigma <= sigma_start`` (sigmas fall during sampling)."""
+    return sigma_end <= sigma <= sigma_start
+
+
+class IPAdapterControl(AttentionControl):
+    kind = "attn2"
+
+    def __init__(self, layer_kv: dict, references: tuple[Reference, ...], mode: str = "decoupled",
+                 sigma_start: float = math.inf, sigma_end: float = 0.0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"IP-Adapter: expected mode one of {MODES}, got '{mode}'")
+        self.layer_kv = layer_kv
+        self.references = tuple(references)
+        self.mode = mode
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+
+    def layer_weights(self, layers) -> list[dict]:
+        """Per reference: layer key -> weight (reference weight x spec weight)."""
+        return [
+            {key: ref.weight * w for key, w in resolve_weight_spec(ref.weight_spec, layers, "attn2").items()}
+            for ref in self.references
+        ]
+
+    def select_layers(self, layers):
+        weights = self.layer_weights(layers)
+        return tuple(layer for layer in layers if layer.kind == "attn2" and layer.key in self.layer_kv
+                     and any(w.get(layer.key, 0.0) != 0 for w in weights))
+
+    def start_run(self, run) -> None:
+        state = run.state(self)
+        state["weights"] = self.layer_weights(run.layers)
+        state["kv"] = {}
+        # The negative branch's tokens per reference, by the image-prompt policy:
+        # positive_only -> none; both -> the same image prompt; negative_image -> the
+        # policy's negative image, or without one IP-Adapter's own trained negative (the
+        # tokens of an empty image: zero embeddings / a black image).
+        options = run.model_patcher.model_options.get("transformer_options", {})
+        policy = get_policy(options)
+        state["policy"] = policy.mode
+        negatives = []
+        for ref in self.references:
+            if policy.mode == POSITIVE_ONLY:
+                negatives.append(None)
+            elif policy.mode == BOTH:
+                negatives.append(ref.tokens.cond)
+            elif policy.negative_image is not None and ref.encode is not None:
+                negatives.append(ref.encode(policy.negative_image).cond)
+            else:
+                negatives.append(ref.tokens.uncond)
+        state["negative_tokens"] = negatives
+
+    def _image_kv(self, run, key, ref_index: int, which: str, like: torch.Tensor):
+        """This layer's image K/V of one reference (``[1, T, inner]``), cached for the run."""
+        cache = run.state(self).setdefault("kv", {})
+        entry = (key, ref_index, which, like.device, like.dtype)
+        if entry not in cache:
+            if which == "uncond":
+                tokens = run.state(self)["negative_tokens"][ref_index]
+            else:
+                tokens = self.references[ref_index].tokens.cond
+            tokens = tokens.to(like.device, torch.float32)
+            w_k, w_v = self.layer_kv[key]
+            k = tokens @ w_k.to(like.device, torch.float32).t()
+            v = tokens @ w_v.to(like.device, torch.float32).t()
+            cache[entry] = (k.to(like.dtype), v.to(like.dtype))
+        return cache[entry]
+
+    def _plain(self, call: AttentionCall):
+        plain = getattr(call, "plain", None)
+        if plain is not None:
+            return plain
+        heads, options = call.heads, call.extra_options
+
+        def attend(q, k, v, mask=None):
+            return comfy_attention.optimized_attention(q, k, v, heads, mask=mask,
+                                                       attn_precision=options.get("attn_precision"),
+                                                       transformer_options=options)
+
+        return attend
+
+    def attend(self, call: AttentionCall, q, k, v, attend_next):
+        if not in_window(call.sigma_value, self.sigma_start, self.sigma_end):
+            return attend_next(q, k, v)
+        state = call.run.state(self)
+        weights = [w.get(call.layer.key, 0.0) for w in state["weights"]]
+        live = [i for i, w in enumerate(weights) if w != 0]
+        # Which rows get which tokens: by role, never by position. Under the positive-only
+        # (conflict-free) policy the negative branch gets no image tokens at all.
+        skip_uncond = state["policy"] == POSITIVE_ONLY
+        groups: dict[str, list[int]] = {"cond": [], "uncond": []}
+        for index, row in enumerate(call.layout.rows):
+            if row.role not in _IMAGE_ROLES or (row.role == ROLE_UNCOND and skip_uncond):
+                continue
+            groups["uncond" if row.role == ROLE_UNCOND else "cond"].append(index)
+        if not live or not (groups["cond"] or groups["uncond"]):
+            return attend_next(q, k, v)
+        if self.mode == "decoupled":
+            return self._decoupled(call, q, k, v, attend_next, groups, live, weights)
+        return self._joint(call, q, k, v, attend_next, groups, live, weights)
+
+    def _row_images(self, call, groups, live, weights, like):
+        """Image (k, v, weight) per reference, stacked per image row, and those rows."""
+        rows = sorted(groups["cond"] + groups["uncond"])
+        which = {r: ("uncond" if r in groups["uncond"] else "cond") for r in rows}
+        images = []
+        for i in live:
+            parts = [self._image_kv(call.run, call.layer.key, i, which[r], like) for r in rows]
+            images.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), weights[i]))
+        return rows, images
+
+    def _decoupled(self, call, q, k, v, attend_next, groups, live, weights):
+        # Text attention through the chain (other controls, another pack's patch), the
+        # image attention as plain attention on the image rows only (IP-Adapter eq. 5).
+        out = attend_next(q, k, v)
+        rows, images = self._row_images(call, groups, live, weights, q)
+        index = torch.as_tensor(rows, dtype=torch.long, device=q.device)
+        q_rows = q.index_select(0, index)
+        extra = image_attention_sum(q_rows, images, self._plain(call))
+        out = out.clone()
+        out[index] = out[index] + extra.to(out.dtype)
+        return out
+
+    def _joint(self, call, q, k, v, attend_next, groups, live, weights):
+        rows, images = self._row_images(call, groups, live, weights, q)
+        if len(rows) == q.shape[0]:
+            return joint_attention(q, k, v, images, attend_next)
+        # Rows without image tokens (e.g. the negative branch under the positive-only
+        # policy) keep the chain's attention; ``attend_next`` takes the layer's full rows,
+        # so it runs on all of them and the image rows are then replaced by their joint
+        # attention (plain attention over text + image keys).
+        index = torch.as_tensor(rows, dtype=torch.long, device=q.device)
+        out = attend_next(q, k, v).clone()
+        out[index] = joint_attention(q[index], k[index], v[index], images, self._plain(call)).to(out.dtype)
+        return out
