@@ -130,7 +130,15 @@ def layer_masks(subject_mask: torch.Tensor, region_mask: torch.Tensor, latent_hw
         raise ValueError(f"MCA-Ctrl: expected one subject mask, got a batch of {subject.shape[0]}")
     subject = dilate(subject, grid, dilation)
     region = dilate(resize_mask(region_mask, grid), grid, region_dilation)
-    return LayerMasks(subject_keys=subject >= KEY_THRESHOLD, subject_fg=subject, region=region)
+    return LayerMasks(subject_keys=key_tokens(subject), subject_fg=subject, region=region)
+
+
+def key_tokens(mask_tokens: torch.Tensor) -> torch.Tensor:
+    """bool [B, N]: tokens at or above the key threshold. A subject smaller than one token
+    at a coarse level keeps its strongest tokens instead of vanishing."""
+    peak = mask_tokens.amax(dim=-1, keepdim=True)
+    threshold = torch.where(peak > 0, peak.clamp(max=KEY_THRESHOLD), torch.full_like(peak, KEY_THRESHOLD))
+    return mask_tokens >= threshold
 
 
 # ---------------------------------------------------------------------------
@@ -307,3 +315,41 @@ def normalize_map(token_map: torch.Tensor, eps: Optional[float] = 1e-8) -> torch
     lo = token_map.amin(-1, keepdim=True)
     hi = token_map.amax(-1, keepdim=True)
     return (token_map - lo) / (hi - lo + eps)
+
+
+# ---------------------------------------------------------------------------
+# Aligning masks with the latents the streams run at
+
+
+def cover_crop(mask: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tensor:
+    """[B, 1, h, w] scaled to cover ``target_hw`` keeping its aspect ratio, centre-cropped,
+    nearest-exact: the same policy as ``InvertedChain.resized``, so a mask stays on the
+    latent it was drawn for when a stream of another size is fitted to the target."""
+    h, w = mask.shape[-2:]
+    height, width = target_hw
+    if (h, w) == (height, width):
+        return mask
+    scale = max(height / h, width / w)
+    sh, sw = max(height, round(h * scale)), max(width, round(w * scale))
+    up = F.interpolate(mask.float(), size=(sh, sw), mode="nearest-exact")
+    top, left = (sh - height) // 2, (sw - width) // 2
+    return up[..., top:top + height, left:left + width]
+
+
+def fit_mask(mask: torch.Tensor, source_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
+    """A MASK drawn on an image whose latent is ``source_hw``, on a ``target_hw`` latent:
+    area-resized to the source latent, then cover-cropped like the source's stream. [B, 1, H, W]."""
+    m = F.adaptive_avg_pool2d(as_mask_batch(mask), tuple(source_hw))
+    return cover_crop(m, tuple(target_hw)).clamp(0.0, 1.0)
+
+
+def resize_tokens(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w] token values from one grid to another (area down, bilinear up)."""
+    if tuple(grid_from) == tuple(grid_to):
+        return tokens
+    m = tokens.view(tokens.shape[0], 1, grid_from[0], grid_from[1]).float()
+    if grid_to[0] <= grid_from[0] and grid_to[1] <= grid_from[1]:
+        m = F.adaptive_avg_pool2d(m, grid_to)
+    else:
+        m = F.interpolate(m, size=grid_to, mode="bilinear", align_corners=False)
+    return m.flatten(1).clamp(0.0, 1.0)

@@ -62,6 +62,13 @@ class AttentionCall:
     layout: RowLayout
     run: Any
     extra_options: dict
+    # Plain attention ``(q, k, v, mask=None)`` (ComfyUI's optimized attention, heads bound)
+    # for queries/keys that are not the layer's own rows: gathered key subsets, a subset of
+    # rows. ``attend_next`` expects the layer's full rows; this bypasses the chain.
+    plain: Optional[Callable[..., torch.Tensor]] = None
+    # True when the control is the layer's only one and no foreign replace patch is
+    # installed, so ``plain`` on a row subset equals ``attend_next`` on those rows.
+    exclusive: bool = False
 
     @property
     def heads(self) -> int:
@@ -86,6 +93,7 @@ class AttentionControl:
       select_layers(layers)          which layers it acts on, resolved per model
       start_run(run) / end_run(run)  set up and free run-scoped state
       extra_rows(call)               rows to append to this UNet call
+      initial_noise(run, noise)      replace the run's initial noise (default: unchanged)
       attend(call, q, k, v, attend_next)  the attention itself; ``attend_next``
                                      is the rest of the chain (other controls,
                                      another pack's replace patch, or ComfyUI's
@@ -109,6 +117,12 @@ class AttentionControl:
 
     def extra_rows(self, call: ModelCall) -> list[ExtraRow]:
         return []
+
+    def initial_noise(self, run, noise: torch.Tensor) -> torch.Tensor:
+        """The run's initial noise (the sampler's ``noise`` argument, before ComfyUI scales
+        it by sigma and adds the latent). Return it unchanged, or a new tensor to start
+        sampling elsewhere (e.g. from an inverted latent)."""
+        return noise
 
     def attend(self, call: AttentionCall, q, k, v, attend_next: AttendNext) -> torch.Tensor:
         return attend_next(q, k, v)

@@ -56,6 +56,27 @@ def _sample_arg(name, args, kwargs):
     return args[i] if len(args) > i else kwargs.get(name)
 
 
+def _with_sample_arg(name, value, args, kwargs):
+    i = _OUTER_SAMPLE_ARGS.index(name)
+    if len(args) > i:
+        return args[:i] + (value,) + args[i + 1:], kwargs
+    return args, {**kwargs, name: value}
+
+
+def _initial_noise(run, controls, args, kwargs):
+    """Let controls replace the run's initial noise (``AttentionControl.initial_noise``)."""
+    noise = _sample_arg("noise", args, kwargs)
+    if noise is None:
+        return args, kwargs
+    adjusted = noise
+    for control in controls:
+        adjusted = control.initial_noise(run, adjusted)
+    if adjusted is noise:
+        return args, kwargs
+    run.noise = adjusted
+    return _with_sample_arg("noise", adjusted, args, kwargs)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original_options = guider.model_options
@@ -70,6 +91,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options["transformer_options"][keys.RUN] = run
         run.start()
+        args, kwargs = _initial_noise(run, controls, args, kwargs)
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options

@@ -20,13 +20,11 @@ class RoutedAttention:
         self.foreign = foreign
         self.run = run
 
-    def _base(self, extra_options):
+    @staticmethod
+    def _plain(extra_options):
         heads = extra_options["n_heads"]
-        foreign = self.foreign
 
-        def attend(q, k, v, mask=None):
-            if foreign is not None and mask is None:
-                return foreign(q, k, v, extra_options)
+        def plain(q, k, v, mask=None):
             # Looked up at call time: the backend is chosen by ComfyUI's startup flags.
             return comfy_attention.optimized_attention(
                 q, k, v, heads, mask=mask,
@@ -34,11 +32,23 @@ class RoutedAttention:
                 transformer_options=extra_options,
             )
 
+        return plain
+
+    def _base(self, extra_options, plain):
+        foreign = self.foreign
+
+        def attend(q, k, v, mask=None):
+            if foreign is not None and mask is None:
+                return foreign(q, k, v, extra_options)
+            return plain(q, k, v, mask=mask)
+
         return attend
 
     def __call__(self, q, k, v, extra_options):
-        call = AttentionCall(self.layer, extra_options[keys.ROWS], self.run, extra_options)
-        attend = self._base(extra_options)
+        plain = self._plain(extra_options)
+        call = AttentionCall(self.layer, extra_options[keys.ROWS], self.run, extra_options, plain=plain,
+                             exclusive=len(self.controls) == 1 and self.foreign is None)
+        attend = self._base(extra_options, plain)
         for control in reversed(self.controls):
             attend = _link(control, call, attend)
         return attend(q, k, v)
