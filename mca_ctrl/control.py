@@ -26,7 +26,7 @@ from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
 from ..inversion.result import InversionResult
 from ..inversion.stream import InvertedStream
-from ..patching import keys
+from ..patching.image_prompt_policy import BOTH, get_policy
 from ..patching.control import AttentionControl
 from .streams import GeneratedStream
 
@@ -35,21 +35,24 @@ logger = logging.getLogger("qkv_control")
 NAME = "MCA-Ctrl"
 
 
-def negative_branch_included(policy) -> bool:
-    """Whether the image-prompt guidance policy lets the negative CFG branch see the
-    subject (conflict-free guidance = positive branch only). No policy: both branches,
-    as the official code (every target row queries the subject)."""
-    if policy is None:
-        return True
-    for attr in ("negative", "include_negative", "image_prompt_in_negative", "negative_branch"):
-        if hasattr(policy, attr):
-            value = getattr(policy, attr)
-            return bool(value) if not isinstance(value, str) else value.lower() not in ("none", "off", "plain")
-    if isinstance(policy, dict):
-        return negative_branch_included(type("P", (), policy)) if policy else True
-    if isinstance(policy, str):
-        return policy.lower().replace("-", "_") not in ("conflict_free", "positive_only", "positive", "cond")
-    return True
+def target_roles(transformer_options) -> tuple[str, ...]:
+    """Sampler rows MCA-Ctrl controls, by the image-prompt guidance policy: the positive
+    branch always; the negative branch too under ``both`` (the official code's setting).
+    Under ``positive_only`` (the default, conflict-free) and ``negative_image`` (MCA-Ctrl
+    has no negative subject) the negative rows run plain attention."""
+    if get_policy(transformer_options).mode == BOTH:
+        return (ROLE_COND, ROLE_UNCOND)
+    return (ROLE_COND,)
+
+
+def _check_aspect(label, mask, latent_hw, what, image) -> None:
+    """A mask must be drawn on its image: same aspect ratio as the image's latent (10% slack
+    for the latent's rounding to multiples of 8 pixels)."""
+    mh, mw = mask.shape[-2:]
+    lh, lw = int(latent_hw[0]), int(latent_hw[1])
+    if abs((mh / mw) / (lh / lw) - 1.0) > 0.1:
+        raise ValueError(f"{label}: expected a {what} with the {image}'s aspect ratio (about {lh * 8}x{lw * 8} "
+                         f"pixels, H x W), got a {mh}x{mw} mask")
 
 
 class MCACtrl(AttentionControl):
@@ -93,6 +96,10 @@ class MCACtrl(AttentionControl):
             raise ValueError(f"{label}: expected one subject mask, got a batch of {mask.shape[0]}")
         if float(mask.max()) <= 0:
             raise ValueError(f"{label}: expected a subject mask with a foreground, got an empty mask")
+        _check_aspect(label, mask, subject.chain.latent_shape[1:], "subject mask", "subject image")
+        if region_mask is not None and condition is not None:
+            _check_aspect(label, mca.as_mask_batch(region_mask), condition.chain.latent_shape[1:],
+                          "target mask", "scene image")
         self.subject = subject
         self.subject_mask = mask
         self.region_mask = None if region_mask is None else mca.as_mask_batch(region_mask)
@@ -187,16 +194,11 @@ class MCACtrl(AttentionControl):
         return (start.expand_as(noise) - latent_in) / scale
 
     # -------------------------------------------------------------------- rows
-    def _target_roles(self, options) -> tuple[str, ...]:
-        if negative_branch_included(options.get(keys.IMAGE_PROMPT_POLICY)):
-            return (ROLE_COND, ROLE_UNCOND)
-        return (ROLE_COND,)
-
     def extra_rows(self, call):
         run = call.run
         if self.phase(run, call.sigma_value) == mca.PHASE_NONE:
             return []
-        roles = self._target_roles(call.transformer_options)
+        roles = target_roles(call.transformer_options)
         if not any(call.layout.has(role) for role in roles):
             return []
         rows = self.subject_stream.rows_for(call)
@@ -282,7 +284,7 @@ class MCACtrl(AttentionControl):
         if phase == mca.PHASE_NONE or call.layer.key not in st["phase_layers"][phase]:
             return attend_next(q, k, v)
         layout = call.layout
-        roles = self._target_roles(call.extra_options)
+        roles = target_roles(call.extra_options)
         targets = [i for i, row in enumerate(layout.rows) if row.is_sampler_row and row.role in roles]
         if not targets:
             return attend_next(q, k, v)

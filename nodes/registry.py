@@ -12,6 +12,7 @@ logger = logging.getLogger("qkv_control")
 
 # Each module lists its node classes in a module-level ``NODES`` list.
 NODE_MODULES = (
+    "mca_ctrl_nodes",
     "ip_adapter_nodes",
 )
 
