@@ -103,3 +103,38 @@ def test_unknown_node_is_a_usage_error(comfy_server, tmp_path):
     cmd = _cli(comfy_server.url, tmp_path / "usage") + ["--set", "No Such Node.seed=1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no node 'No Such Node'" in result.stderr, result.stderr
+
+
+@pytest.mark.server
+def test_image_folder_is_uploaded_and_swept(comfy_server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    originals = {}
+    for name in ("a.png", "b.png"):
+        pixels = rng.integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(refs / name)
+        originals[name] = pixels
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}, "_meta": {"title": "Reference"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}},
+    }
+    workflow_path = tmp_path / "invert_api.json"
+    workflow_path.write_text(json.dumps(workflow))
+    out = tmp_path / "inverted"
+    result = subprocess.run([sys.executable, "-m", "client.queue", str(workflow_path), "--out", str(out),
+                             "--server", comfy_server.url, "--images", f"Reference.image={refs}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    items = _manifest_items(out)
+    assert len(items) == 2
+    for item in items:
+        source = Path(item["params"]["Reference.image"]).name
+        (output,) = item["files"]
+        got = np.asarray(Image.open(out / output).convert("RGB"))
+        # ComfyUI rounds down when it converts back to 8 bits: off by at most one.
+        np.testing.assert_allclose(got.astype(int), 255 - originals[source].astype(int), atol=1)
