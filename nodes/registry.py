@@ -14,13 +14,17 @@ logger = logging.getLogger("qkv_control")
 NODE_MODULES = (
     "mca_ctrl_nodes",
     "ip_adapter_nodes",
+    "ddim_inversion",
+    "indetail_ip",
+    "image_prompt_guidance",
+    "adain_noise",
 )
 
 # Loader nodes for tiny random-weight models. They stand in for the core loaders
 # (which cannot recognise tiny models) in the test suite and `make demo`'s tiny
 # mode, and are never registered in a user's normal ComfyUI.
 TINY_MODELS_ENV = "QKV_CONTROL_TINY_MODELS"
-TINY_NODE_MODULES = ("tiny_loaders",)
+TINY_NODE_MODULES = ("tiny_loaders", "tiny_controlnet")
 
 
 def tiny_models_enabled() -> bool:

@@ -1,0 +1,196 @@
+"""The InDetail-IP attention control: an inverted reference stream as extra batch rows, and
+the generated rows' self-attention fed with the reference's keys/values (KV replacement,
+KV concatenation or Stratified Attention, per step from the attention-fusion schedule).
+
+Guidance routing (``patching.image_prompt_policy``): under conflict-free guidance (default)
+only positive rows see the reference; negative rows run their own plain attention and the
+reference row is appended only to calls that hold positive rows. ``both`` gives the negative
+rows the same reference; ``negative_image`` gives them a second inverted stream.
+
+Where the reference K/V come from is a detail (design note 5): ``_reference_kv`` takes them
+from this call's reference rows and keeps them for the step, so a later call at the same
+sigma (cond and uncond in separate calls) reuses them instead of appending the row again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention import fusion_schedule as fs
+from ..attention.kv_modes import kv_concat, kv_replace, reference_tokens, stratified_attention
+from ..attention.layers import select_layers
+from ..attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND
+from ..inversion.result import InversionResult
+from ..inversion.stream import InvertedStream
+from ..patching.control import AttentionCall, AttentionControl, ModelCall
+from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE, get_policy
+
+logger = logging.getLogger("qkv_control")
+
+ROLE_NEGATIVE_REFERENCE = "negative_reference"
+DEFAULT_BLOCKS = "output"
+
+
+def _plain_attention(call: AttentionCall):
+    """Plain attention with the layer's heads (ComfyUI's optimized attention)."""
+    plain = getattr(call, "plain", None)
+    if plain is not None:
+        return plain
+    import comfy.ldm.modules.attention as comfy_attention
+
+    heads = call.heads
+
+    def attend(q, k, v, mask=None):
+        return comfy_attention.optimized_attention(q, k, v, heads, mask=mask,
+                                                   attn_precision=call.extra_options.get("attn_precision"))
+
+    return attend
+
+
+class ReferenceAttentionControl(AttentionControl):
+    """InDetail-IP on the self-attention layers chosen by ``blocks`` (default: the decoder's)."""
+
+    kind = "attn1"
+
+    def __init__(self, inversion: InversionResult, blocks: str = DEFAULT_BLOCKS,
+                 schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5):
+        super().__init__()
+        if weight_ref < 0 or weight_self < 0 or weight_ref + weight_self <= 0:
+            raise ValueError(
+                f"InDetail-IP: expected λP >= 0, λG >= 0 and λP + λG > 0, got λP={weight_ref}, λG={weight_self}"
+            )
+        self.inversion = inversion
+        self.blocks = blocks
+        self.schedule = fs.parse_fusion_schedule(schedule)
+        self.weight_ref = float(weight_ref)
+        self.weight_self = float(weight_self)
+        self.stream = InvertedStream(inversion, ROLE_REFERENCE, label="InDetail-IP reference")
+
+    # ------------------------------------------------------------------ run
+    def select_layers(self, layers):
+        return select_layers(self.blocks, layers, "attn1")
+
+    def start_run(self, run) -> None:
+        state = run.state(self)
+        state["layers"] = {key for (kind, key), controls in run.routes.items() if self in controls}
+        state["kv"] = {}
+        state["rows_appended"] = 0
+        state["calls"] = 0
+
+    def end_run(self, run) -> None:
+        state = run.state(self)
+        state.pop("kv", None)
+
+    def mode_at(self, run, sigma: float) -> str:
+        steps = max(len(run.sample_sigmas) - 1, 1)
+        return self.schedule.mode_at(run.step_index(sigma), steps)
+
+    # ------------------------------------------------------------ extra rows
+    def _has_kv(self, state, role: str, sigma: float) -> bool:
+        entry = state["kv"].get(role)
+        return (entry is not None and abs(entry[0] - sigma) <= 1e-6 * max(1.0, abs(sigma))
+                and len(entry[1]) >= len(state["layers"]))
+
+    def _negative_stream(self, policy):
+        if policy.mode == NEGATIVE_IMAGE and isinstance(policy.negative_inversion, InversionResult):
+            return InvertedStream(policy.negative_inversion, ROLE_NEGATIVE_REFERENCE, label="negative image")
+        return None
+
+    def extra_rows(self, call: ModelCall):
+        run = call.run
+        state = run.state(self)
+        state["calls"] += 1
+        sigma = call.sigma_value
+        if self.mode_at(run, sigma) == fs.NONE:
+            return []
+        policy = get_policy(call.transformer_options)
+        has_cond, has_uncond = call.layout.has(ROLE_COND), call.layout.has(ROLE_UNCOND)
+        rows = []
+        needs_ref = has_cond or (has_uncond and policy.mode == BOTH)
+        if needs_ref and not self._has_kv(state, ROLE_REFERENCE, sigma):
+            rows += self.stream.rows_for(call)
+        negative = self._negative_stream(policy) if has_uncond else None
+        if negative is not None and not self._has_kv(state, ROLE_NEGATIVE_REFERENCE, sigma):
+            rows += negative.rows_for(call)
+        state["rows_appended"] += len(rows)
+        return rows
+
+    # -------------------------------------------------------------- attention
+    def _reference_kv(self, call: AttentionCall, role: str, k, v):
+        """Reference K/V [R, N, D] of this layer at this sigma: from this call's rows (kept for
+        the step), else kept from an earlier call at the same sigma, else None."""
+        state = call.run.state(self)
+        sigma = call.sigma_value
+        rows = call.layout.indices(role, self.name)
+        if rows:
+            index = torch.tensor(rows, device=k.device)
+            kv = (k.index_select(0, index), v.index_select(0, index))
+            entry = state["kv"].get(role)
+            if entry is None or entry[0] != sigma:
+                entry = (sigma, {})
+                state["kv"][role] = entry
+            entry[1][call.layer.key] = kv
+            return kv
+        entry = state["kv"].get(role)
+        if entry is not None and abs(entry[0] - sigma) <= 1e-6 * max(1.0, abs(sigma)):
+            return entry[1].get(call.layer.key)
+        return None
+
+    def _groups(self, call: AttentionCall, k, v):
+        """(target rows, reference K, reference V) per group of rows that see an image prompt."""
+        policy = get_policy(call.extra_options)
+        layout = call.layout
+        cond, uncond = layout.indices(ROLE_COND), layout.indices(ROLE_UNCOND)
+        ref = self._reference_kv(call, ROLE_REFERENCE, k, v)
+        groups = []
+        if policy.mode == BOTH:
+            targets = sorted(cond + uncond)
+            if targets and ref is not None:
+                groups.append((targets, ref))
+        else:
+            if cond and ref is not None:
+                groups.append((cond, ref))
+            if policy.mode == NEGATIVE_IMAGE and uncond:
+                negative = self._reference_kv(call, ROLE_NEGATIVE_REFERENCE, k, v)
+                if negative is not None:
+                    groups.append((uncond, negative))
+        return groups
+
+    def attend(self, call: AttentionCall, q, k, v, attend_next):
+        mode = self.mode_at(call.run, call.sigma_value)
+        if mode == fs.NONE:
+            return attend_next(q, k, v)
+        groups = self._groups(call, k, v)
+        if not groups:
+            return attend_next(q, k, v)
+        plain = _plain_attention(call)
+        targets = sorted(i for rows, _ in groups for i in rows)
+        others = [i for i in range(q.shape[0]) if i not in set(targets)]
+        if mode == fs.STRATIFIED or not getattr(call, "exclusive", False):
+            # Every row's own attention through the rest of the chain; Stratified Attention
+            # reuses it for the target rows' λG term.
+            out = attend_next(q, k, v)
+        else:
+            # Concat/replace as the layer's only control: untouched rows need plain
+            # attention only, target rows are computed below (no doubled attention).
+            out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+            if others:
+                index = torch.tensor(others, device=q.device)
+                out.index_copy_(0, index, plain(q.index_select(0, index), k.index_select(0, index),
+                                                v.index_select(0, index)))
+        for rows, (k_ref, v_ref) in groups:
+            index = torch.tensor(rows, device=q.device)
+            qg = q.index_select(0, index)
+            kp = reference_tokens(k_ref, len(rows))
+            vp = reference_tokens(v_ref, len(rows))
+            if mode == fs.STRATIFIED:
+                result = stratified_attention(qg, None, None, kp, vp, self.weight_self, self.weight_ref, plain,
+                                              out_self=out.index_select(0, index))
+            elif mode == fs.CONCAT:
+                result = kv_concat(qg, k.index_select(0, index), v.index_select(0, index), kp, vp, plain)
+            else:
+                result = kv_replace(qg, kp, vp, plain)
+            out.index_copy_(0, index, result.to(out.dtype))
+        return out

@@ -1,0 +1,70 @@
+"""InDetail-IP reference attention node: the image prompt through self-attention."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..attention import fusion_schedule as fs
+from ..attention.layers import select_layers
+from ..indetail_ip.compat import check_inversion
+from ..indetail_ip.control import DEFAULT_BLOCKS, ReferenceAttentionControl
+from ..inversion.result import INVERSION_TYPE
+from ..patching.layers import discover_layers
+from ..patching.patch import add_control
+
+Inversion = io.Custom(INVERSION_TYPE)
+NAME = "InDetail-IP Reference Attention"
+
+
+class QKVInDetailReferenceAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QKVInDetailReferenceAttention",
+            display_name=NAME,
+            category="QKV Control/InDetail-IP",
+            description="Runs the inverted reference as an extra batch row and lets the generated image's "
+                        "self-attention read its keys/values: Stratified Attention early, KV concatenation "
+                        "after (paper default), or KV replacement. Only positive CFG rows see the reference "
+                        "unless an Image Prompt Guidance node says otherwise.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
+                Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
+                io.String.Input("blocks", default=DEFAULT_BLOCKS,
+                                tooltip="Self-attention layers to patch, as a block spec: output (decoder, the "
+                                        "paper's choice), all, input:4-8, #0-3, level:0-1, ... Prefix '-' excludes."),
+                io.String.Input("schedule", default=fs.DEFAULT_SPEC,
+                                tooltip="Attention fusion: mode per fraction of the sampling steps. Modes: "
+                                        "stratified, concat, replace, none. Paper: 'stratified:0-0.2, concat:0.2-1' "
+                                        "(first 10 of 50 steps); with ControlNet 'stratified:0-0.5, concat:0.5-1'."),
+                io.Float.Input("lambda_reference", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="λP: weight of the attention to the image prompt in Stratified Attention "
+                                       "(paper: 0.5, recommended 0.3-0.7). 0 = reference ignored."),
+                io.Float.Input("lambda_self", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="λG: weight of the generated image's own attention in Stratified Attention."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with InDetail-IP reference attention.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, schedule=fs.DEFAULT_SPEC, lambda_reference=0.5, lambda_self=0.5, **kwargs):
+        try:
+            fs.parse_fusion_schedule(schedule)
+        except ValueError as error:
+            return f"{NAME}: {error}"
+        if lambda_reference + lambda_self <= 0:
+            return f"{NAME}: expected lambda_reference + lambda_self > 0, got {lambda_reference} + {lambda_self}"
+        return True
+
+    @classmethod
+    def execute(cls, model, inversion, blocks, schedule, lambda_reference, lambda_self) -> io.NodeOutput:
+        check_inversion(NAME, inversion, model)
+        try:
+            select_layers(blocks, discover_layers(model), "attn1")
+            control = ReferenceAttentionControl(inversion, blocks, schedule, lambda_reference, lambda_self)
+        except ValueError as error:
+            raise ValueError(f"{NAME}: {error}") from None
+        return io.NodeOutput(add_control(model, control))
+
+
+NODES = [QKVInDetailReferenceAttention]
