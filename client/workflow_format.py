@@ -245,6 +245,8 @@ TINY_SUBSTITUTES: dict[str, TinySubstitute] = {
     "CheckpointLoaderSimple": TinySubstitute(
         "QKVTinyCheckpointLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}),
     "CLIPVisionLoader": TinySubstitute("QKVTinyCLIPVisionLoader", lambda inputs, family: {"seed": TINY_SEED}),
+    "ControlNetLoader": TinySubstitute(
+        "QKVTinyControlNetLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}),
 }
 
 
