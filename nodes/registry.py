@@ -18,6 +18,7 @@ NODE_MODULES = (
     "indetail_ip",
     "image_prompt_guidance",
     "adain_noise",
+    "localization_nodes",
 )
 
 # Loader nodes for tiny random-weight models. They stand in for the core loaders

@@ -3,11 +3,15 @@
 `write_tiny_localization_files(models_dir)` writes what a user would have, at toy size, so the real
 loader nodes run in tests and `make demo`'s tiny mode:
 
-- ``grounding-dino/tiny_groundingdino_swint_ogc.pth``: ``{"model": state_dict}`` with the original
+- ``grounding-dino/groundingdino_swint_ogc.pth``: ``{"model": state_dict}`` with the original
   ``backbone.0`` / ``bert`` / ``transformer`` keys (BERT weights inside, as in the release);
 - ``grounding-dino/bert-base-uncased/``: a tiny ``vocab.txt`` (special tokens at bert-base-uncased's ids,
   which transformers' Grounding DINO hard-codes: [CLS] 101, [SEP] 102, '.' 1012, '?' 1029) and ``config.json``;
-- ``sams/tiny_sam_vit.pth``: a flat segment-anything state dict.
+- ``sams/sam_vit_b_01ec64.pth``: a flat segment-anything state dict (tiny, whatever the name says: sizes
+  are read from the tensors).
+
+The files carry the released names so the example workflows run unchanged; a file of real size already
+there is never overwritten.
 
 Head counts follow the released models (8 for Grounding DINO's transformer and SAM's decoder), because
 those are the only sizes the loaders cannot read from tensor shapes.
@@ -20,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-GROUNDING_DINO_FILE = "tiny_groundingdino_swint_ogc.pth"
-SAM_FILE = "tiny_sam_vit.pth"
+# The released files' names, so example workflows run unchanged on the tiny files in tests and the demo.
+GROUNDING_DINO_FILE = "groundingdino_swint_ogc.pth"
+SAM_FILE = "sam_vit_b_01ec64.pth"
+# Never overwrite a real checkpoint that happens to sit where a tiny file goes.
+MAX_TINY_FILE_BYTES = 20 * 2**20
 BERT_DIR = "bert-base-uncased"
 
 TINY_WORDS = (
@@ -144,8 +151,14 @@ def write_tiny_localization_files(models_dir: Path, seed: int = 0) -> dict[str, 
     gdino_dir, sam_dir = models_dir / "grounding-dino", models_dir / "sams"
     gdino_dir.mkdir(parents=True, exist_ok=True)
     sam_dir.mkdir(parents=True, exist_ok=True)
-    bert_dir = write_tiny_bert_dir(gdino_dir / BERT_DIR)
+    bert_dir = gdino_dir / BERT_DIR
     gdino_path, sam_path = gdino_dir / GROUNDING_DINO_FILE, sam_dir / SAM_FILE
+    # bert-base-uncased's real vocab.txt is 232 kB, the tiny one 12 kB.
+    for path, limit in ((gdino_path, MAX_TINY_FILE_BYTES), (sam_path, MAX_TINY_FILE_BYTES), (bert_dir / "vocab.txt", 100_000)):
+        if path.is_file() and path.stat().st_size > limit:
+            raise FileExistsError(f"tiny localization files: expected no real model at {path}, got a "
+                                  f"{path.stat().st_size} byte file; not overwriting it")
+    bert_dir = write_tiny_bert_dir(gdino_dir / BERT_DIR)
     torch.save({"model": grounding_dino_original_state_dict(tiny_grounding_dino(seed))}, gdino_path)
     torch.save(sam_original_state_dict(tiny_sam(seed)), sam_path)
     return {"grounding_dino": gdino_path, "bert_dir": bert_dir, "sam": sam_path}

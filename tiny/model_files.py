@@ -18,6 +18,8 @@ WRITERS: list[ModelFileWriter] = []
 from .ipadapter_files import write_ipadapter_files  # noqa: E402
 
 WRITERS.append(write_ipadapter_files)
+from .localization_files import write_tiny_localization_files  # noqa: E402
+WRITERS.append(write_tiny_localization_files)
 
 
 def write_all(models_dir: Path) -> list[str]:
