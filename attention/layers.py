@@ -95,7 +95,7 @@ def select_layers(spec: str, layers: tuple[AttentionLayer, ...] | list[Attention
         if any(_matches(i, layer) for i in include) and not any(_matches(i, layer) for i in exclude)
     )
     if not chosen:
-        available = ", ".join(f"{l.block[0]}:{l.block[1]}.{l.transformer_index}" for l in candidates)
+        available = ", ".join(f"{layer.block[0]}:{layer.block[1]}.{layer.transformer_index}" for layer in candidates)
         raise ValueError(f"block spec '{spec}' selects no {kind} layer; this model has: {available}")
     return chosen
 
