@@ -259,9 +259,23 @@ class Batch:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def next_item(self) -> dict | None:
+    servers: tuple[str, ...] = ()
+
+    def next_item(self, server: str) -> dict | None:
+        """The next item for ``server``: first those it was still running when an earlier run
+        stopped (collected, not queued again), never those another listed server is running."""
         with self.lock:
-            return self.pending.pop(0) if self.pending and not self.stop.is_set() else None
+            if self.stop.is_set():
+                return None
+
+            def running_on(item: dict) -> str | None:
+                return item.get("server") if item.get("status") == "queued" and item.get("prompt_id") else None
+
+            for pick in (lambda i: running_on(i) == server, lambda i: running_on(i) not in self.servers):
+                for index, item in enumerate(self.pending):
+                    if pick(item):
+                        return self.pending.pop(index)
+            return None
 
 
 class ServerWorker(threading.Thread):
@@ -399,7 +413,7 @@ class ServerWorker(threading.Thread):
     def run(self) -> None:
         self._connect()
         while True:
-            item = self.batch.next_item()
+            item = self.batch.next_item(self.url)
             if item is None:
                 break
             label = f"item {item['index']} {json.dumps(item['params'], default=str)}"
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write(f"{len(items)} items, {len(finished)} already done, {len(todo)} to run on "
                      f"{len(servers)} server(s); manifest {manifest.path}\n")
     batch = Batch(base_prompt=prompt, sweep=sweep, manifest=manifest, out=args.out, progress=progress,
-                  timeout=args.timeout, pending=list(todo))
+                  timeout=args.timeout, pending=list(todo), servers=tuple(servers))
     workers = [ServerWorker(url, f"s{n}", batch) for n, url in enumerate(servers)]
     try:
         for worker in workers:

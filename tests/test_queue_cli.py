@@ -73,7 +73,10 @@ def test_sweep_interrupted_and_resumed(comfy_server, tmp_path):
     done_first = {i["key"]: i["prompt_id"] for i in _manifest_items(out) if i["status"] == "done"}
     assert 2 <= len(done_first) < 6, first_output
 
-    second = subprocess.run(_cli(comfy_server.url, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Resume with a second "server" (the same one under another name): items spread over two workers.
+    second_server = comfy_server.url.replace("127.0.0.1", "localhost")
+    second = subprocess.run(_cli(comfy_server.url, out, "--server", second_server), cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     items = _manifest_items(out)
     assert len(items) == 6 and all(i["status"] == "done" for i in items)
@@ -82,6 +85,7 @@ def test_sweep_interrupted_and_resumed(comfy_server, tmp_path):
     files = [f for i in items for f in i["files"]]
     assert len(files) == 6 and len(set(files)) == 6
     assert all((out / f).is_file() for f in files)
+    assert {i["server"] for i in items} == {comfy_server.url, second_server}
     assert {(i["params"]["KSampler.seed"], i["params"]["Positive.text"]) for i in items} == {
         (s, t) for s in (1, 2, 3) for t in ("a red fox in the snow", "a lighthouse at dusk")}
     # Different seeds give different images.
