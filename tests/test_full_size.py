@@ -40,7 +40,7 @@ def full_sd15(tmp_path_factory):
 
 def test_real_loader_gives_the_sd15_block_structure_and_controls_work(full_sd15):
     layers = discover_layers(full_sd15)
-    attn1 = [l for layer in layers if layer.kind == "attn1"]
+    attn1 = [layer for layer in layers if layer.kind == "attn1"]
     assert [layer.block for layer in attn1] == [("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0)] + [("output", i) for i in range(3, 12)]
     assert all(layer.heads == 8 and layer.dim_head in (40, 80, 160) for layer in attn1)
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0))

@@ -32,8 +32,8 @@ def _blocks(layers, kind="attn1"):
 
 def test_sd15_full_size_structure():
     layers = discover_layers(_full_size_unet("sd15"))
-    attn1 = [l for layer in layers if layer.kind == "attn1"]
-    assert len(attn1) == 16 and len([l for layer in layers if layer.kind == "attn2"]) == 16
+    attn1 = [layer for layer in layers if layer.kind == "attn1"]
+    assert len(attn1) == 16 and len([layer for layer in layers if layer.kind == "attn2"]) == 16
     blocks = [layer.block for layer in attn1]
     assert blocks == [("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0)] + [("output", i) for i in range(3, 12)]
     assert [layer.ordinal for layer in attn1] == list(range(16))
@@ -44,7 +44,7 @@ def test_sd15_full_size_structure():
 
 def test_sdxl_full_size_structure():
     layers = discover_layers(_full_size_unet("sdxl"))
-    attn1 = [l for layer in layers if layer.kind == "attn1"]
+    attn1 = [layer for layer in layers if layer.kind == "attn1"]
     assert len(attn1) == 2 * 2 + 2 * 10 + 10 + 3 * 2 + 3 * 10 == 70
     assert {layer.block for layer in attn1 if layer.section == "input"} == {("input", i) for i in (4, 5, 7, 8)}
     assert {layer.block for layer in attn1 if layer.section == "output"} == {("output", i) for i in range(0, 6)}
@@ -57,7 +57,7 @@ def test_sdxl_full_size_structure():
 def test_tiny_models_keep_family_structure(family, expected_attn1):
     model, _, _ = tiny_checkpoint(family)
     layers = discover_layers(model)
-    assert len([l for layer in layers if layer.kind == "attn1"]) == expected_attn1
+    assert len([layer for layer in layers if layer.kind == "attn1"]) == expected_attn1
     full = discover_layers(_full_size_unet(family))
     # same blocks as the real family (SDXL's depths are cut from 10 to 2)
     assert {layer.block for layer in layers} == {layer.block for layer in full}

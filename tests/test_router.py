@@ -167,7 +167,7 @@ def test_foreign_replace_patch_still_runs(checkpoint, order, key_len):
     foreign patch's result, whichever was installed first and whatever key it used."""
     model, pos, neg = checkpoint
     from qkv_control.patching.layers import discover_layers
-    layer = [l for layer in discover_layers(model) if layer.kind == "attn2"][0]
+    layer = next(item for item in discover_layers(model) if item.kind == "attn2")
     args = (layer.block[0], layer.block[1]) + ((layer.transformer_index,) if key_len == 3 else ())
 
     def with_foreign(m, foreign):
