@@ -100,15 +100,16 @@ def share_kv(k: torch.Tensor, v: torch.Tensor, target_rows: Sequence[int], sourc
     if mode not in KV_SHARE_MODES:
         raise ValueError(f"share_kv: expected mode one of {KV_SHARE_MODES}, got '{mode}'")
     targets = torch.as_tensor(list(target_rows), dtype=torch.long, device=k.device)
+    k_src, v_src = k[source_row:source_row + 1].clone(), v[source_row:source_row + 1].clone()
     if mode == "replace":
         k, v = k.clone(), v.clone()
-        k[targets] = k[source_row:source_row + 1].expand(len(targets), -1, -1)
-        v[targets] = v[source_row:source_row + 1].expand(len(targets), -1, -1)
+        k[targets] = k_src.expand(len(targets), -1, -1)
+        v[targets] = v_src.expand(len(targets), -1, -1)
         return k, v
     k2, v2 = torch.cat([k, k], dim=1), torch.cat([v, v], dim=1)
     n = k.shape[1]
-    k2[targets, :n] = k[source_row:source_row + 1].expand(len(targets), -1, -1)
-    v2[targets, :n] = v[source_row:source_row + 1].expand(len(targets), -1, -1)
+    k2[targets, :n] = k_src.expand(len(targets), -1, -1)
+    v2[targets, :n] = v_src.expand(len(targets), -1, -1)
     return k2, v2
 
 

@@ -62,7 +62,7 @@ class IPAdapterModel:
         """Layer key -> (to_k_ip, to_v_ip) for a model; a family mismatch is an error naming both."""
         ordered = diffusers_order(layers)
         if len(ordered) != self.layer_count or context_dim != self.cross_dim:
-            raise ValueError(f"{node}: IP-Adapter weights are for {family_name(self.cross_dim, self.layer_count)}, "
+            raise ValueError(f"{node}: IP-Adapter weights are for {family_name(self.cross_dim, self.layer_count)}; "
                              f"the model is {family_name(context_dim, len(ordered))}")
         result = {}
         for i, layer in enumerate(ordered):

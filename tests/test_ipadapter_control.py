@@ -1,0 +1,307 @@
+"""IP-Adapter controls on the real ModelPatcher, router and samplers (tiny SD1.5 / SDXL):
+per-layer results against the formulas, the guidance policy by row role, weight 0 and
+identical presets reproducing unpatched output, layer routing, stacking with another
+pack's attn2 replace patch, condition/mask guidance and attention maps."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+
+from helpers import encode, sample
+from qkv_control.attention.rows import ROLE_COND, ROLE_UNCOND, Row, RowLayout
+from qkv_control.attention.sdpa import bind_heads, plain_attention
+from qkv_control.ipadapter.control import IPAdapterControl, Reference
+from qkv_control.ipadapter.files import load_file
+from qkv_control.ipadapter.model import IPAdapterModel
+from qkv_control.ipadapter.routing import deadiff_semantic_spec, routing_specs
+from qkv_control.ipadapter.tokens import word_token_positions
+from qkv_control.nodes import ip_adapter_nodes as nodes
+from qkv_control.patching import keys
+from qkv_control.patching.control import AttentionCall
+from qkv_control.patching.image_prompt_policy import ImagePromptPolicy
+from qkv_control.patching.layers import discover_layers
+from qkv_control.patching.patch import add_control, set_transformer_option
+from qkv_control.patching.router import install_routes
+from qkv_control.patching.run_state import RunState
+from qkv_control.tiny.ipadapter_files import write_ipadapter_files
+from qkv_control.tiny.models import TEXT_WIDTH, tiny_checkpoint, tiny_clip_vision
+
+ADAPTERS = {"sd15": "ip-adapter_sd15.safetensors", "sdxl": "ip-adapter-plus_sdxl_vit-h.safetensors"}
+PROMPT = "a photo of a red sneaker on a table"
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    write_ipadapter_files(models)
+    return models / "ipadapter"
+
+
+@pytest.fixture(scope="module")
+def vision():
+    return tiny_clip_vision(0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((1, 56, 56, 3), generator=g), torch.rand((1, 56, 56, 3), generator=g)
+
+
+@functools.lru_cache(maxsize=4)
+def _adapter(path):
+    return IPAdapterModel(load_file(path))
+
+
+def setup(family, adapter_dir):
+    model, clip, _ = tiny_checkpoint(family)
+    return model, clip, _adapter(str(adapter_dir / ADAPTERS[family]))
+
+
+def apply(model, adapter, vision, image, weight=1.0, mode="decoupled", spec="all=1", start=0.0, end=1.0):
+    (patched,) = nodes.QKVIPAdapterApply.execute(model, adapter, vision, image, weight, mode, start, end, spec).args
+    return patched
+
+
+# -- per-layer results, through the real control, router and run state -------------------
+
+
+def _run(model, controls=None):
+    from qkv_control.patching.patch import registered_controls
+
+    run = RunState(model, controls or registered_controls(model), sample_sigmas=torch.tensor([10.0, 5.0, 1.0, 0.0]))
+    run.start()
+    return run
+
+
+def _layer_call(run, layer, layout):
+    options = {"n_heads": layer.heads, "dim_head": layer.dim_head, "sigmas": torch.tensor([5.0]),
+               "attn_precision": None, keys.ROWS: layout}
+    return AttentionCall(layer, layout, run, options), options
+
+
+def _qkv(layer, rows, seed=0, nq=16, nt=77):
+    g = torch.Generator().manual_seed(seed)
+    inner = layer.heads * layer.dim_head
+    return (torch.randn(rows, nq, inner, generator=g), torch.randn(rows, nt, inner, generator=g),
+            torch.randn(rows, nt, inner, generator=g))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("policy", [None, "both", "negative_image"])
+def test_decoupled_layer_matches_formula_by_row_role(family, policy, adapter_dir, vision, images):
+    model, _, adapter = setup(family, adapter_dir)
+    if policy is not None:
+        model = set_transformer_option(model, keys.IMAGE_PROMPT_POLICY, ImagePromptPolicy(policy))
+    weight = 0.7
+    patched = apply(model, adapter, vision, images[0], weight)
+    run = _run(patched)
+    control = run.controls[0]
+    layer = [l for l in run.layers if l.kind == "attn2"][3]
+    layout = RowLayout((Row(ROLE_UNCOND, 0), Row(ROLE_COND, 0)))
+    call, _ = _layer_call(run, layer, layout)
+    q, k, v = _qkv(layer, 2)
+    plain = bind_heads(plain_attention, layer.heads)
+    out = control.attend(call, q, k, v, plain)
+
+    w_k, w_v = control.layer_kv[layer.key]
+    tokens = control.references[0].tokens
+
+    def image_term(t, rows):
+        return weight * plain(q[rows], (t @ w_k.t()).expand(len(rows), -1, -1), (t @ w_v.t()).expand(len(rows), -1, -1))
+
+    text = plain(q, k, v)
+    torch.testing.assert_close(out[1:], text[1:] + image_term(tokens.cond, [1]), atol=1e-5, rtol=1e-4)
+    if policy is None:  # the pack's default: positive only (conflict-free) -> no image tokens at all
+        torch.testing.assert_close(out[:1], text[:1])
+    elif policy == "both":
+        torch.testing.assert_close(out[:1], text[:1] + image_term(tokens.cond, [0]), atol=1e-5, rtol=1e-4)
+    else:  # negative image without an image: IP-Adapter's own negative (empty-image tokens)
+        torch.testing.assert_close(out[:1], text[:1] + image_term(tokens.uncond, [0]), atol=1e-5, rtol=1e-4)
+    run.close()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_joint_layer_is_one_attention_over_text_and_image(family, adapter_dir, vision, images):
+    model, _, adapter = setup(family, adapter_dir)
+    patched = apply(model, adapter, vision, images[0], 1.0, mode="joint")
+    run = _run(patched)
+    control = run.controls[0]
+    layer = [l for l in run.layers if l.kind == "attn2"][-1]
+    layout = RowLayout((Row(ROLE_COND, 0), Row(ROLE_UNCOND, 0)))
+    call, _ = _layer_call(run, layer, layout)
+    q, k, v = _qkv(layer, 2, seed=1)
+    plain = bind_heads(plain_attention, layer.heads)
+    out = control.attend(call, q, k, v, plain)
+    w_k, w_v = control.layer_kv[layer.key]
+    t = control.references[0].tokens.cond
+    expected = plain(q[:1], torch.cat([k[:1], t @ w_k.t()], 1), torch.cat([v[:1], t @ w_v.t()], 1))
+    torch.testing.assert_close(out[:1], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1:], plain(q[1:], k[1:], v[1:]))  # positive-only: uncond untouched
+    run.close()
+
+
+def test_stacking_with_another_packs_attn2_replace_keeps_both(adapter_dir, vision, images):
+    model, clip, adapter = setup("sd15", adapter_dir)
+    calls = []
+
+    def foreign(q, k, v, extra_options):  # another pack's replace: visibly changes the output
+        calls.append(extra_options["block"])
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"]) * 0.5
+
+    other = model.clone()
+    other.set_model_attn2_replace(foreign, "input", 1)
+    both = apply(other, adapter, vision, images[0], 0.8)
+    run = _run(both)
+    routes = install_routes(both.model_options["transformer_options"].get("patches_replace", {}), run)
+    layer = next(l for l in run.layers if l.kind == "attn2" and l.key == ("input", 1, 0))
+    routed = routes["attn2"][layer.key]
+    layout = RowLayout((Row(ROLE_COND, 0),))
+    _, options = _layer_call(run, layer, layout)
+    options.update({"block": ("input", 1), "block_index": 0})
+    q, k, v = _qkv(layer, 1, seed=2)
+    out = routed(q, k, v, options)
+    control = run.controls[0]
+    w_k, w_v = control.layer_kv[layer.key]
+    t = control.references[0].tokens.cond
+    plain = bind_heads(plain_attention, layer.heads)
+    expected = 0.5 * plain(q, k, v) + 0.8 * plain(q, t @ w_k.t(), t @ w_v.t())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    run.close()
+    # and in a whole sampling run: the foreign patch still runs, the image prompt still acts
+    pos, neg = encode(clip, PROMPT), encode(clip, "")
+    calls.clear()
+    with_both = sample(both, pos, neg, steps=2)
+    assert calls, "the other pack's attn2 replace was dropped"
+    assert not torch.allclose(with_both, sample(other, pos, neg, steps=2), atol=1e-4)
+    assert not torch.allclose(with_both, sample(apply(model, adapter, vision, images[0], 0.8), pos, neg, steps=2),
+                              atol=1e-4)
+
+
+# -- whole sampling runs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_weight_zero_reproduces_unpatched_and_weight_changes(family, adapter_dir, vision, images):
+    model, clip, adapter = setup(family, adapter_dir)
+    pos, neg = encode(clip, PROMPT), encode(clip, "")
+    base = sample(model, pos, neg, steps=2)
+    layer_kv = adapter.layer_map(discover_layers(model), TEXT_WIDTH, "test")
+    tokens = adapter.encode(vision, images[0])
+    zero = add_control(model, IPAdapterControl(layer_kv, (Reference("image", tokens, 0.0),)))
+    assert torch.equal(sample(zero, pos, neg, steps=2), base)
+    zero_layers = add_control(model, IPAdapterControl(layer_kv, (Reference("image", tokens, 1.0, "all=0"),)))
+    assert torch.equal(sample(zero_layers, pos, neg, steps=2), base)
+    # a window between the two steps (sigmas 14.6 and 0.03 of a 2-step normal schedule)
+    outside = apply(model, adapter, vision, images[0], 1.0, start=0.4, end=0.6)
+    torch.testing.assert_close(sample(outside, pos, neg, steps=2), base)
+    for mode in ("decoupled", "joint"):
+        out = sample(apply(model, adapter, vision, images[0], 1.0, mode=mode), pos, neg, steps=2)
+        assert torch.isfinite(out).all() and not torch.allclose(out, base, atol=1e-3)
+
+
+def test_routing_touches_only_the_listed_layers(adapter_dir, vision, images):
+    model, clip, adapter = setup("sd15", adapter_dir)
+    touched = []
+
+    class Spy(IPAdapterControl):
+        def _decoupled(self, call, *args):
+            touched.append(call.layer.ordinal)
+            return super()._decoupled(call, *args)
+
+    layer_kv = adapter.layer_map(discover_layers(model), TEXT_WIDTH, "test")
+    spy = Spy(layer_kv, (Reference("image", adapter.encode(vision, images[0]), 1.0, "#4-8=1"),))
+    sample(add_control(model, spy), encode(clip, PROMPT), encode(clip, ""), steps=1)
+    assert set(touched) == {4, 5, 6, 7, 8}
+
+
+def test_deadiff_split_sd15_and_sdxl():
+    sd15 = discover_layers(tiny_checkpoint("sd15")[0])
+    assert deadiff_semantic_spec(sd15) == "input:7, input:8, middle, output:3, output:4"
+    style, semantic = routing_specs(sd15, "auto", "auto")
+    from qkv_control.attention.layers import resolve_weight_spec
+
+    sem = resolve_weight_spec(semantic, sd15, "attn2")
+    sty = resolve_weight_spec(style, sd15, "attn2")
+    attn2 = [l for l in sd15 if l.kind == "attn2"]
+    assert [l.ordinal for l in attn2 if sem[l.key]] == [4, 5, 6, 7, 8]  # DEADiff: layers 4-8 of 16
+    assert [l.ordinal for l in attn2 if sty[l.key]] == [0, 1, 2, 3] + list(range(9, 16))
+    sdxl = discover_layers(tiny_checkpoint("sdxl")[0])
+    assert deadiff_semantic_spec(sdxl) == "input:7, input:8, middle, output:0, output:1"
+    style, semantic = routing_specs(sdxl, "#0=0.5, output=1", "middle=2")
+    assert resolve_weight_spec(semantic, sdxl, "attn2")[("middle", 0, 1)] == 2.0
+    with pytest.raises(ValueError, match="block spec"):
+        routing_specs(sd15, "nowhere=1", "auto")
+
+
+def test_style_content_node_routes_each_image_to_its_layers(adapter_dir, vision, images):
+    model, clip, adapter = setup("sdxl", adapter_dir)
+    (patched,) = nodes.QKVIPAdapterStyleContent.execute(model, adapter, vision, images[0], 1.0, 0.7, "decoupled",
+                                                        0.0, 1.0, "auto", "auto", content_image=images[1]).args
+    run = _run(patched)
+    style, content = run.state(run.controls[0])["weights"]
+    attn2 = [l for l in run.layers if l.kind == "attn2"]
+    assert all((style[l.key] == 0) != (content[l.key] == 0) for l in attn2)  # every layer: exactly one image
+    assert {l.block for l in attn2 if content[l.key]} == {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
+                                                          ("output", 1)}
+    run.close()
+    out = sample(patched, encode(clip, PROMPT), encode(clip, ""), steps=2)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("mode", ["replace", "concat"])
+def test_condition_guidance_with_the_prompt_as_preset_is_unpatched(family, mode):
+    """Sharing K/V from a row whose text equals the prompt changes nothing: the extra
+    row, its context and the K/V share are exact (replace: same K/V; concat: K/V twice)."""
+    model, clip, _ = tiny_checkpoint(family)
+    pos, neg = encode(clip, PROMPT), encode(clip, "")
+    base = sample(model, pos, neg, steps=2)
+    (same,) = nodes.QKVConditionGuidance.execute(model, pos, mode, "all", 0.0, 1.0).args
+    # float32 rounding only (attention over 154 instead of 77 keys), relative to the
+    # latents' scale (~500 for the tiny random UNet after 2 steps)
+    torch.testing.assert_close(sample(same, pos, neg, steps=2), base, atol=1e-5 * float(base.abs().max()), rtol=0)
+    preset = encode(clip, "studio product photo, soft light, pastel background, minimal")
+    (other,) = nodes.QKVConditionGuidance.execute(model, preset, mode, "all", 0.0, 1.0).args
+    assert not torch.allclose(sample(other, pos, neg, steps=2), base, atol=1e-3)
+
+
+def test_word_positions_come_from_the_tokenizer():
+    _, clip, _ = tiny_checkpoint("sd15")
+    positions = word_token_positions(clip, PROMPT, "sneaker, red", "test")
+    ids = [t[0] for t in clip.tokenize(PROMPT)["l"][0]]
+    for word in ("sneaker", "red"):
+        word_ids = [t[0] for t in clip.tokenize(word, return_word_ids=True)["l"][0] if t[2] != 0]
+        start = next(i for i in range(77) if ids[i:i + len(word_ids)] == word_ids)
+        assert set(range(start, start + len(word_ids))) <= set(positions)
+    assert positions[0] >= 1  # position 0 is the start token
+    with pytest.raises(ValueError, match="expected the word 'giraffe' in the prompt"):
+        word_token_positions(clip, PROMPT, "giraffe", "test")
+
+
+def test_mask_guidance_node_changes_only_with_strength():
+    model, clip, _ = tiny_checkpoint("sd15")
+    neg = encode(clip, "")
+    (same, positive) = nodes.QKVMaskGuidance.execute(model, clip, PROMPT, "sneaker", 0.5, 0.0, "-level:0",
+                                                     0.0, 1.0).args
+    assert same is model
+    base = sample(model, positive, neg, steps=2)
+    (guided, positive) = nodes.QKVMaskGuidance.execute(model, clip, PROMPT, "sneaker", 0.5, 1.0, "-level:0",
+                                                       0.0, 1.0).args
+    out = sample(guided, positive, neg, steps=2)
+    assert torch.isfinite(out).all() and not torch.allclose(out, base, atol=1e-4)
+
+
+def test_attention_map_node_outputs_mask_and_preview():
+    model, clip, _ = tiny_checkpoint("sd15")
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    out, mask, preview = nodes.QKVAttentionMap.execute(model, clip, PROMPT, "sneaker", encode(clip, ""), latent, 0, 2,
+                                                       5.0, "ddim", "normal", "level:2", 1.0).args
+    assert out["samples"].shape == (1, 4, 16, 16)
+    assert mask.shape == (1, 128, 128) and preview.shape == (1, 128, 128, 3)
+    assert float(mask.min()) >= 0 and abs(float(mask.max()) - 1) < 0.05 and float(mask.std()) > 0
