@@ -203,7 +203,10 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
 
     record: dict = {}
     plain = _plain_model(model)
-    plain.add_wrapper_with_key(WrappersMP.APPLY_MODEL, _CAPTURE_KEY, _capture_wrapper(record))
+    # Outermost APPLY_MODEL wrapper: it records what the model is given, whatever other wrappers do.
+    wrappers = plain.model_options["transformer_options"].setdefault("wrappers", {})
+    wrappers[WrappersMP.APPLY_MODEL] = {_CAPTURE_KEY: [_capture_wrapper(record)],
+                                        **wrappers.get(WrappersMP.APPLY_MODEL, {})}
     progress = comfy.utils.ProgressBar(steps)
     sigma_data = float(getattr(model.get_model_object("model_sampling"), "sigma_data", 1.0))
     sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
