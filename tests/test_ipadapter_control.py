@@ -102,7 +102,7 @@ def test_decoupled_layer_matches_formula_by_row_role(family, policy, adapter_dir
     patched = apply(model, adapter, vision, images[0], weight)
     run = _run(patched)
     control = run.controls[0]
-    layer = [l for l in run.layers if l.kind == "attn2"][3]
+    layer = [layer for layer in run.layers if layer.kind == "attn2"][3]
     layout = RowLayout((Row(ROLE_UNCOND, 0), Row(ROLE_COND, 0)))
     call, _ = _layer_call(run, layer, layout)
     q, k, v = _qkv(layer, 2)
@@ -132,7 +132,7 @@ def test_joint_layer_is_one_attention_over_text_and_image(family, adapter_dir, v
     patched = apply(model, adapter, vision, images[0], 1.0, mode="joint")
     run = _run(patched)
     control = run.controls[0]
-    layer = [l for l in run.layers if l.kind == "attn2"][-1]
+    layer = [layer for layer in run.layers if layer.kind == "attn2"][-1]
     layout = RowLayout((Row(ROLE_COND, 0), Row(ROLE_UNCOND, 0)))
     call, _ = _layer_call(run, layer, layout)
     q, k, v = _qkv(layer, 2, seed=1)
@@ -159,7 +159,7 @@ def test_stacking_with_another_packs_attn2_replace_keeps_both(adapter_dir, visio
     both = apply(other, adapter, vision, images[0], 0.8)
     run = _run(both)
     routes = install_routes(both.model_options["transformer_options"].get("patches_replace", {}), run)
-    layer = next(l for l in run.layers if l.kind == "attn2" and l.key == ("input", 1, 0))
+    layer = next(layer for layer in run.layers if layer.kind == "attn2" and layer.key == ("input", 1, 0))
     routed = routes["attn2"][layer.key]
     layout = RowLayout((Row(ROLE_COND, 0),))
     _, options = _layer_call(run, layer, layout)
@@ -228,9 +228,9 @@ def test_deadiff_split_sd15_and_sdxl():
 
     sem = resolve_weight_spec(semantic, sd15, "attn2")
     sty = resolve_weight_spec(style, sd15, "attn2")
-    attn2 = [l for l in sd15 if l.kind == "attn2"]
-    assert [l.ordinal for l in attn2 if sem[l.key]] == [4, 5, 6, 7, 8]  # DEADiff: layers 4-8 of 16
-    assert [l.ordinal for l in attn2 if sty[l.key]] == [0, 1, 2, 3] + list(range(9, 16))
+    attn2 = [layer for layer in sd15 if layer.kind == "attn2"]
+    assert [layer.ordinal for layer in attn2 if sem[layer.key]] == [4, 5, 6, 7, 8]  # DEADiff: layers 4-8 of 16
+    assert [layer.ordinal for layer in attn2 if sty[layer.key]] == [0, 1, 2, 3] + list(range(9, 16))
     sdxl = discover_layers(tiny_checkpoint("sdxl")[0])
     assert deadiff_semantic_spec(sdxl) == "input:7, input:8, middle, output:0, output:1"
     style, semantic = routing_specs(sdxl, "#0=0.5, output=1", "middle=2")
@@ -245,9 +245,9 @@ def test_style_content_node_routes_each_image_to_its_layers(adapter_dir, vision,
                                                         0.0, 1.0, "auto", "auto", content_image=images[1]).args
     run = _run(patched)
     style, content = run.state(run.controls[0])["weights"]
-    attn2 = [l for l in run.layers if l.kind == "attn2"]
-    assert all((style[l.key] == 0) != (content[l.key] == 0) for l in attn2)  # every layer: exactly one image
-    assert {l.block for l in attn2 if content[l.key]} == {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
+    attn2 = [layer for layer in run.layers if layer.kind == "attn2"]
+    assert all((style[layer.key] == 0) != (content[layer.key] == 0) for layer in attn2)  # every layer: exactly one image
+    assert {layer.block for layer in attn2 if content[layer.key]} == {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
                                                           ("output", 1)}
     run.close()
     out = sample(patched, encode(clip, PROMPT), encode(clip, ""), steps=2)
