@@ -142,6 +142,9 @@ class QKVIPAdapterApply(io.ComfyNode):
         node = "QKV IP-Adapter Apply"
         if weight == 0:
             return io.NodeOutput(model)
+        if mode == "joint" and weight < 0:
+            raise ValueError(f"{node}: expected a weight >= 0 in joint mode (it scales the image tokens' share of "
+                             f"one softmax), got {weight}")
         layers = discover_layers(model)
         resolve_weight_spec(layer_weights, layers, "attn2")
         layer_kv = _layer_kv(model, ipadapter, node)
