@@ -18,7 +18,7 @@ const METHOD_STYLES = [
   { match: ["ip-adapter", "ipadapter", "condition", "mask guid"], badge: "IP-Adapter", color: "#7a4b1f", bgcolor: "#513215" },
   { match: ["inversion"], badge: "Inversion", color: "#1f6b6b", bgcolor: "#154747" },
   { match: ["localization", "grounding", "segment", "sam"], badge: "Masks", color: "#6b5b1f", bgcolor: "#473c15" },
-  { match: ["attention", "guidance", "cfg"], badge: "Attention", color: "#6b1f4a", bgcolor: "#471531" },
+  { match: ["guidance", "cfg"], badge: "Guidance", color: "#6b1f4a", bgcolor: "#471531" },
   { match: ["tiny", "test"], badge: "Tiny", color: "#4a4a4a", bgcolor: "#333333" },
 ];
 
@@ -92,8 +92,15 @@ app.registerExtension({
       this.color = style.color;
       this.bgcolor = style.bgcolor;
       addBadge(this, style);
-      growTo(this, MIN_WIDTH, 0);
       return result;
+    };
+
+    // Default size of a new node (saved workflows keep their own).
+    const computeSize = nodeType.prototype.computeSize;
+    nodeType.prototype.computeSize = function () {
+      const size = computeSize.apply(this, arguments);
+      size[0] = Math.max(size[0], MIN_WIDTH);
+      return size;
     };
 
     const onExecuted = nodeType.prototype.onExecuted;

@@ -1,0 +1,310 @@
+// Drives Debian's chromium (playwright-core, no downloaded browser) against the real ComfyUI
+// frontend of a running test server, and writes what it saw as JSON. tests/test_browser.py
+// runs it and makes the assertions; this script only observes.
+//
+//   node check_frontend.cjs CONFIG.json
+//
+// CONFIG: {url, pack, extension, nodes: [{name, display_name, description}], workflows: [name],
+//          screenshot_dir, result_path, chromium, user_data_dir}
+"use strict";
+
+const fs = require("fs");
+const path = require("path");
+const { chromium } = require("playwright-core");
+
+const CHROMIUM_ARGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
+];
+const VIEWPORT = { width: 1920, height: 1200 };
+
+const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const packPrefix = `/extensions/${config.pack}/`;
+const result = {
+  extension_registered: false,
+  console_errors: [],      // every console error / page error, for the report
+  extension_errors: [],    // those that come from the pack's scripts
+  failed_pack_requests: [],
+  search: {},
+  styles: {},
+  workflows: {},
+  screenshots: [],
+  timings: {},
+  fatal: null,
+};
+
+const squash = (text) => String(text ?? "").replace(/\s+/g, " ").trim();
+const mentionsPack = (text) => String(text ?? "").includes(packPrefix);
+
+function watch(page) {
+  page.on("console", (msg) => {
+    if (msg.type() !== "error") return;
+    const location = msg.location()?.url ?? "";
+    const entry = { text: msg.text().slice(0, 2000), location };
+    result.console_errors.push(entry);
+    if (mentionsPack(location) || mentionsPack(entry.text)) result.extension_errors.push(entry);
+  });
+  page.on("pageerror", (error) => {
+    const entry = { text: `${error.name}: ${error.message}`.slice(0, 2000), location: (error.stack ?? "").slice(0, 2000) };
+    result.console_errors.push(entry);
+    if (mentionsPack(entry.location) || mentionsPack(entry.text)) result.extension_errors.push(entry);
+  });
+  page.on("response", (response) => {
+    const url = response.url();
+    if (mentionsPack(url) && response.status() >= 400) {
+      result.failed_pack_requests.push({ url, status: response.status() });
+    }
+  });
+  page.on("requestfailed", (request) => {
+    if (mentionsPack(request.url())) {
+      result.failed_pack_requests.push({ url: request.url(), status: request.failure()?.errorText ?? "failed" });
+    }
+  });
+}
+
+async function timed(name, fn) {
+  const start = Date.now();
+  try {
+    return await fn();
+  } finally {
+    result.timings[name] = (Date.now() - start) / 1000;
+  }
+}
+
+async function screenshot(page, name) {
+  if (!config.screenshot_dir) return;
+  fs.mkdirSync(config.screenshot_dir, { recursive: true });
+  const file = path.join(config.screenshot_dir, `${name}.png`);
+  await page.screenshot({ path: file });
+  result.screenshots.push(file);
+}
+
+async function closeDialogs(page) {
+  for (let i = 0; i < 3 && (await page.locator(".p-dialog").count()); i++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(200);
+  }
+}
+
+async function setSetting(page, id, value) {
+  await page.evaluate(([id, value]) => window.app.extensionManager?.setting?.set(id, value), [id, value])
+    .catch(() => {});
+}
+
+async function openSearchBox(page) {
+  // A dialog that opens late (the template browser on a first visit) swallows the double
+  // click: close dialogs and try again until the search box is there.
+  for (let attempt = 0; attempt < 4; attempt++) {
+    await closeDialogs(page);
+    await page.evaluate(() => window.app.graph.clear());
+    await page.mouse.dblclick(VIEWPORT.width / 2, VIEWPORT.height / 2);
+    try {
+      await page.getByTestId("search-filter-input").waitFor({ state: "visible", timeout: 3000 });
+      return true;
+    } catch {
+      await page.keyboard.press("Escape");
+    }
+  }
+  return false;
+}
+
+async function searchFor(page, query, wanted) {
+  if (!(await openSearchBox(page))) return null;
+  await page.keyboard.type(query, { delay: 5 });
+  const items = page.getByTestId("result-item");
+  try {
+    await items.filter({ hasText: wanted }).first().waitFor({ timeout: 5000 });
+  } catch {
+    await page.keyboard.press("Escape");
+    return null;
+  }
+  const texts = (await items.allInnerTexts()).map(squash);
+  await page.keyboard.press("Escape");
+  return texts.find((text) => text.includes(wanted)) ?? null;
+}
+
+async function checkSearch(page, node) {
+  const wanted = squash(node.display_name || node.name);
+  // What a user types: the display name; the node id as well, which the search also indexes.
+  let match = await searchFor(page, wanted, wanted);
+  let query = wanted;
+  if (match === null && node.name !== wanted) {
+    match = await searchFor(page, node.name, wanted);
+    query = node.name;
+  }
+  // The result row shows the description (cut by CSS only); compare its beginning.
+  const head = squash(node.description).slice(0, 80);
+  return {
+    found: match !== null,
+    query,
+    description_shown: Boolean(match && head && match.includes(head)),
+    result_text: match ?? "",
+  };
+}
+
+async function checkStyle(page, node) {
+  // Add the node through the app, as the search box's Enter does, and read what the extension set.
+  return page.evaluate((type) => {
+    const graphNode = window.LiteGraph.createNode(type);
+    if (!graphNode) return { created: false };
+    window.app.graph.add(graphNode);
+    const badges = (graphNode.badges ?? []).filter((b) => b && typeof b === "object" && b.qkvMethodBadge);
+    return {
+      created: true,
+      color: graphNode.color ?? null,
+      bgcolor: graphNode.bgcolor ?? null,
+      badge: badges.length ? badges[0].text : null,
+      width: graphNode.size?.[0] ?? null,
+    };
+  }, node.name);
+}
+
+async function fitView(page) {
+  await page.evaluate(() => {
+    window.app.canvas.deselectAll?.();
+    return window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
+  }).catch(() => {});
+  await page.waitForTimeout(600);
+}
+
+async function openTemplate(page, name) {
+  await closeDialogs(page);
+  const folder = page.getByText(config.pack, { exact: true });
+  if (!(await folder.count())) {
+    await page.locator(".side-tool-bar-container").getByText("Templates", { exact: true }).click();
+  }
+  await folder.first().click({ timeout: 20000 });
+  const card = page.getByTestId(`template-workflow-${name}`);
+  await card.waitFor({ timeout: 20000 });
+  await card.click();
+  await page.waitForFunction(
+    (name) => {
+      const active = window.app.extensionManager?.workflow?.activeWorkflow;
+      return window.app.graph.nodes.length > 0 && (!active || String(active.path ?? "").includes(name));
+    },
+    name, { timeout: 20000 });
+  await page.waitForTimeout(800);
+}
+
+async function checkWorkflow(page, name) {
+  const entry = { opened: false, missing_types: [], missing_toast: "", node_count: 0, types: [] };
+  try {
+    await openTemplate(page, name);
+    entry.opened = true;
+  } catch (error) {
+    entry.error = String(error.message ?? error).slice(0, 1000);
+    return entry;
+  }
+  const state = await page.evaluate(() => {
+    const nodes = window.app.graph.nodes;
+    return {
+      types: nodes.map((n) => n.type),
+      missing: nodes.filter((n) => !window.LiteGraph.registered_node_types[n.type]).map((n) => n.type),
+    };
+  });
+  entry.types = state.types;
+  entry.node_count = state.types.length;
+  entry.missing_types = state.missing;
+  // The frontend's error overlay names missing nodes ("Missing node: X"); missing model
+  // files (the test server has none of the real ones) are reported there too and are fine.
+  const overlay = page.getByTestId("error-overlay");
+  if (await overlay.count()) {
+    entry.error_overlay = squash(await overlay.first().innerText()).slice(0, 500);
+    if (/missing node/i.test(entry.error_overlay)) entry.missing_toast = entry.error_overlay;
+    await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
+  }
+  await fitView(page);
+  await screenshot(page, `workflow_${name}`);
+  return entry;
+}
+
+// Proves the missing-node detection can fail: a workflow with an unknown node type must be
+// reported by both the graph check and the frontend's own overlay.
+async function checkMissingNodeDetection(page, name) {
+  const entry = { missing_types: [], missing_toast: "" };
+  const workflow = await page.evaluate(
+    async ([pack, name]) => (await fetch(`/api/workflow_templates/${pack}/${name}.json`)).json(), [config.pack, name]);
+  const victim = workflow.nodes.find((n) => !["MarkdownNote", "Note", "Reroute"].includes(n.type));
+  victim.type = "QKVNoSuchNodeForTheBrowserTest";
+  await page.evaluate((wf) => window.app.loadGraphData(wf), workflow);
+  await page.waitForTimeout(1000);
+  entry.missing_types = await page.evaluate(() =>
+    window.app.graph.nodes.filter((n) => !window.LiteGraph.registered_node_types[n.type]).map((n) => n.type));
+  const overlay = page.getByTestId("error-overlay");
+  if (await overlay.count()) {
+    const text = squash(await overlay.first().innerText());
+    if (/missing node/i.test(text)) entry.missing_toast = text.slice(0, 500);
+    await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
+  }
+  return entry;
+}
+
+async function main() {
+  const context = await chromium.launchPersistentContext(config.user_data_dir, {
+    executablePath: config.chromium,
+    headless: true,
+    args: CHROMIUM_ARGS,
+    viewport: VIEWPORT,
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  watch(page);
+  try {
+    await timed("load", async () => {
+      await page.goto(config.url, { waitUntil: "domcontentloaded" });
+      await page.waitForFunction(() => window.app?.graph && window.app?.canvas && window.app?.extensionManager,
+        null, { timeout: 120000 });
+      await page.waitForFunction((name) => (window.app.extensions ?? []).some((e) => e.name === name),
+        config.extension, { timeout: 30000 }).then(() => { result.extension_registered = true; }, () => {});
+      await page.waitForTimeout(1500);
+    });
+    await setSetting(page, "Comfy.Minimap.Visible", false);
+    // The test server has no real model files: keep the missing-model notice out of the
+    // screenshots (missing *nodes* are still detected, from the graph itself).
+    await setSetting(page, "Comfy.Workflow.ShowMissingModelsWarning", false);
+    // Full-detail nodes in the screenshots of whole workflows (no low-quality zoomed-out view).
+    await setSetting(page, "LiteGraph.Canvas.MinFontSizeForLOD", 0);
+    await closeDialogs(page);
+
+    await timed("search", async () => {
+      for (const node of config.nodes) {
+        result.search[node.name] = await checkSearch(page, node);
+        if (node === config.nodes[0]) {
+          // One screenshot of the search box with the pack's nodes listed.
+          await page.mouse.dblclick(VIEWPORT.width / 2, VIEWPORT.height / 2);
+          await page.waitForTimeout(300);
+          await page.keyboard.type("QKV", { delay: 5 });
+          await page.waitForTimeout(1000);
+          await screenshot(page, "node_search");
+          await page.keyboard.press("Escape");
+        }
+      }
+    });
+
+    await timed("styles", async () => {
+      await page.evaluate(() => window.app.graph.clear());
+      for (const node of config.nodes) result.styles[node.name] = await checkStyle(page, node);
+      await page.evaluate(() => window.app.graph.arrange?.());
+      await fitView(page);
+      await screenshot(page, "pack_nodes");
+    });
+
+    await timed("workflows", async () => {
+      for (const name of config.workflows) result.workflows[name] = await checkWorkflow(page, name);
+      if (config.workflows.length) {
+        result.missing_node_self_check = await checkMissingNodeDetection(page, config.workflows[0]);
+      }
+    });
+  } catch (error) {
+    result.fatal = String(error.stack ?? error).slice(0, 4000);
+    await screenshot(page, "failure").catch(() => {});
+  } finally {
+    await context.close().catch(() => {});
+    fs.writeFileSync(config.result_path, JSON.stringify(result, null, 2));
+  }
+}
+
+main().catch((error) => {
+  result.fatal = String(error.stack ?? error);
+  fs.writeFileSync(config.result_path, JSON.stringify(result, null, 2));
+  process.exit(1);
+});
