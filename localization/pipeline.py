@@ -174,9 +174,22 @@ def sam_pixels(image_rgb: torch.Tensor, target: int, mean, std) -> tuple[torch.T
     return padded.unsqueeze(0), shape
 
 
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[N, H, W]`` bool: the pixels whose centres lie inside each box ``(x0, y0, x1, y1)``."""
+    ys = torch.arange(height, dtype=torch.float32, device=boxes.device).view(1, -1, 1) + 0.5
+    xs = torch.arange(width, dtype=torch.float32, device=boxes.device).view(1, 1, -1) + 0.5
+    x0, y0, x1, y1 = (boxes[:, i].float().view(-1, 1, 1) for i in range(4))
+    return (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+
+
 @torch.no_grad()
-def segment_boxes(model, pixel_mean, pixel_std, image_rgb: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """SAM masks ``[N, H, W]`` (bool) for ``N`` box prompts ``(x0, y0, x1, y1)`` in image pixels."""
+def segment_boxes(model, pixel_mean, pixel_std, image_rgb: torch.Tensor, boxes: torch.Tensor,
+                  clip_to_box: bool = False) -> torch.Tensor:
+    """SAM masks ``[N, H, W]`` (bool) for ``N`` box prompts ``(x0, y0, x1, y1)`` in image pixels.
+
+    ``clip_to_box`` keeps each mask inside its box: SAM's box-prompted masks can leak past the box on
+    low-contrast images, and a subject-replacement region must not spill into the scene.
+    """
     height, width = image_rgb.shape[:2]
     if boxes.shape[0] == 0:
         return torch.zeros(0, height, width, dtype=torch.bool, device=image_rgb.device)
@@ -191,7 +204,10 @@ def segment_boxes(model, pixel_mean, pixel_std, image_rgb: torch.Tensor, boxes: 
     logits = F.interpolate(low_res.unsqueeze(1), size=(target, target), mode="bilinear", align_corners=False)
     logits = logits[..., : shape[0], : shape[1]]
     logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    return (logits[:, 0] > 0.0).to(image_rgb.device)
+    masks = logits[:, 0] > 0.0
+    if clip_to_box:
+        masks &= box_masks(boxes.to(device), height, width)
+    return masks.to(image_rgb.device)
 
 
 def dilate_masks(masks: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -219,14 +235,15 @@ def combine_masks(masks: torch.Tensor, keep: str, height: int, width: int) -> to
 
 def text_to_masks(gdino_model, tokenizer, sam_model, pixel_mean, pixel_std, images: torch.Tensor, prompt: str,
                   box_threshold: float = BOX_THRESHOLD, text_threshold: float = TEXT_THRESHOLD, keep: str = "union",
-                  dilation: int = 0, detection_size: int = DETECTION_SIZE,
+                  dilation: int = 0, detection_size: int = DETECTION_SIZE, clip_to_box: bool = False,
                   on_image_done: Callable[[int], None] | None = None,
                   before_image: Callable[[int], None] | None = None) -> LocalizationResult:
     """Masks of what ``prompt`` names in every image of ``images`` ``[B, H, W, C]`` (0..1).
 
     Every image is processed: one with no detection gives an empty mask and a warning. ``keep``:
     "union" (one mask per image, all detections), "best" (one per image, highest score), "all" (one per
-    detection, images in order). ``dilation`` grows each mask by that many pixels.
+    detection, images in order). ``dilation`` grows each mask by that many pixels (after the optional
+    ``clip_to_box``, see `segment_boxes`).
     """
     if keep not in KEEP_MODES:
         raise ValueError(f"expected keep in {KEEP_MODES}, got {keep!r}")
@@ -240,7 +257,7 @@ def text_to_masks(gdino_model, tokenizer, sam_model, pixel_mean, pixel_std, imag
         if not detections:
             logger.warning("Text segment: %r found nothing in image %d of %d; its mask is empty", prompt, i + 1, batch)
         boxes = torch.tensor([d.box for d in detections], dtype=torch.float32).reshape(-1, 4)
-        masks = segment_boxes(sam_model, pixel_mean, pixel_std, rgb[i], boxes).cpu()
+        masks = segment_boxes(sam_model, pixel_mean, pixel_std, rgb[i], boxes, clip_to_box).cpu()
         masks = dilate_masks(combine_masks(masks, keep, height, width), dilation)
         out_masks.append(masks)
         image_index += [i] * masks.shape[0]

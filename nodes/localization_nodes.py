@@ -119,6 +119,9 @@ class QKVTextSegment(io.ComfyNode):
                 io.Int.Input("detection_resolution", default=pipeline.DETECTION_SIZE, min=64, max=2048, step=8,
                              tooltip="Shortest side the image is resized to for Grounding DINO (official: 800, "
                                      "longest side at most 1333). Lower is faster and coarser."),
+                io.Boolean.Input("clip_to_box", default=False,
+                                 tooltip="Keep each mask inside its detection box (before dilation). SAM can leak "
+                                         "past a box on low-contrast images; a replacement region should not."),
             ],
             outputs=[
                 io.Mask.Output(display_name="mask", tooltip="Masks (1 = the prompt's subject), image size."),
@@ -135,7 +138,7 @@ class QKVTextSegment(io.ComfyNode):
 
     @classmethod
     def execute(cls, grounding_dino, sam, image, prompt: str, box_threshold: float, text_threshold: float,
-                keep: str, dilation: int, detection_resolution: int) -> io.NodeOutput:
+                keep: str, dilation: int, detection_resolution: int, clip_to_box: bool = False) -> io.NodeOutput:
         from ..localization.managed import segment_with_text
 
         if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
@@ -143,7 +146,7 @@ class QKVTextSegment(io.ComfyNode):
                              f"got shape {tuple(image.shape)}")
         result = segment_with_text(grounding_dino, sam, image, prompt, box_threshold=box_threshold,
                                    text_threshold=text_threshold, keep=keep, dilation=dilation,
-                                   detection_size=detection_resolution)
+                                   detection_size=detection_resolution, clip_to_box=clip_to_box)
         return io.NodeOutput(result.masks, pipeline.preview(image, result))
 
 

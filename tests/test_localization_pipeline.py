@@ -289,3 +289,16 @@ def test_checkpoint_with_missing_weights_is_an_error(tmp_path, files):
     torch.save(original, path)
     with pytest.raises(CheckpointError, match="1 weights missing"):
         loading.load_sam(path)
+
+
+def test_clip_to_box_keeps_masks_inside_their_boxes(sam):
+    image = square_image()
+    boxes = torch.tensor([[40.0, 30.0, 90.0, 70.0], [0.0, 0.0, 64.0, 20.0]])
+    free = pipeline.segment_boxes(sam.model, sam.pixel_mean, sam.pixel_std, image, boxes)
+    clipped = pipeline.segment_boxes(sam.model, sam.pixel_mean, sam.pixel_std, image, boxes, clip_to_box=True)
+    inside = torch.zeros(2, 96, 128, dtype=torch.bool)
+    inside[0, 30:70, 40:90] = True  # pixel centres y+0.5 in [30, 70], x+0.5 in [40, 90]
+    inside[1, 0:20, 0:64] = True
+    assert torch.equal(pipeline.box_masks(boxes, 96, 128), inside)
+    assert torch.equal(clipped, free & inside)
+    assert (free & ~inside).any()  # the tiny random SAM does leak, so the clip is exercised
