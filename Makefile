@@ -4,7 +4,7 @@ PORT ?= 8188
 WORKFLOW ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench lint
+.PHONY: setup test demo serve bench lint workflows-api screenshots
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +23,11 @@ bench: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# API-format copies of workflows/*.json into workflows/api/ (tests/test_workflow_files.py checks them).
+workflows-api: setup
+	$(PY) scripts/workflows_api.py
+
+# README screenshots (docs/screenshots/*.png), taken by the browser test.
+screenshots: setup
+	QKV_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/test_browser.py $(PYTEST_ARGS)

@@ -14,6 +14,7 @@ Without chromium or playwright-core the tests skip on a user's machine, and fail
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -94,7 +95,7 @@ def frontend(comfy_server, tmp_path_factory):
     report = json.loads(result_path.read_text())
     assert not report.get("fatal"), f"browser script failed: {report['fatal']}\n{proc.stderr[-2000:]}"
     report["seconds"] = seconds
-    print(f"\nbrowser run: {seconds:.1f} s, stages {report['timings']}")
+    logging.getLogger("qkv_control").info("browser run: %.1f s, stages %s", seconds, report["timings"])
     return report
 
 
