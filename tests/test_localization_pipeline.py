@@ -302,3 +302,42 @@ def test_clip_to_box_keeps_masks_inside_their_boxes(sam):
     assert torch.equal(pipeline.box_masks(boxes, 96, 128), inside)
     assert torch.equal(clipped, free & inside)
     assert (free & ~inside).any()  # the tiny random SAM does leak, so the clip is exercised
+
+
+def test_original_layout_also_loads_from_safetensors(tmp_path, files, sam):
+    from safetensors.torch import save_file
+
+    original = torch.load(files["sam"], weights_only=True)
+    path = tmp_path / "sam_vit_b_01ec64.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path))
+    loaded = loading.load_sam(path)
+    expected = sam.model.state_dict()
+    assert all(torch.equal(loaded.model.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_wrapped_and_ddp_prefixed_state_dicts_are_unwrapped(tmp_path):
+    from qkv_control.localization.checkpoint_io import read_state_dict
+
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": {"module.a.weight": torch.ones(2)}, "epoch": 3}, path)
+    assert list(read_state_dict(path, "x")) == ["a.weight"]
+
+
+def test_bert_sizes_come_from_the_weights_when_config_json_is_absent(tmp_path, files):
+    bert = tmp_path / "bert-base-uncased"
+    bert.mkdir()
+    shutil.copy(files["bert_dir"] / "vocab.txt", bert / "vocab.txt")
+    loaded = loading.load_grounding_dino(files["grounding_dino"], [bert])
+    text = loaded.model.config.text_config
+    assert (text.vocab_size, text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (
+        len((bert / "vocab.txt").read_text().split()), 16, 1, 32)
+    assert text.num_attention_heads == 1  # no config.json: bert-base's 64-dim heads, at least one
+
+
+def test_vocab_larger_than_the_checkpoints_bert_is_refused(tmp_path, files):
+    bert = tmp_path / "bert-base-uncased"
+    bert.mkdir()
+    words = (files["bert_dir"] / "vocab.txt").read_text().split("\n")
+    (bert / "vocab.txt").write_text("\n".join(words + [f"extra{i}" for i in range(50)]))
+    with pytest.raises(CheckpointError, match="vocab.txt of at most"):
+        loading.load_grounding_dino(files["grounding_dino"], [bert])
