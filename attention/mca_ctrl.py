@@ -159,6 +159,9 @@ def _select_keys(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rows: int
         if k_sel.shape[0] != rows:
             k_sel, v_sel = k_sel.expand(rows, -1, -1), v_sel.expand(rows, -1, -1)
         return k_sel, v_sel, None
+    # A row without any key has a zero fusion weight for this branch (checked by the caller);
+    # let it attend everything so it yields finite values instead of NaN (NaN * 0 = NaN).
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
     mask = torch.zeros(keep.shape, dtype=k.dtype, device=k.device).masked_fill(~keep, float("-inf"))
     if k.shape[0] != rows:
         k, v = k.expand(rows, -1, -1), v.expand(rows, -1, -1)

@@ -234,3 +234,35 @@ def test_stream_rows_keep_their_roles(kit):
     control._mca_attention = spy
     sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=2, size=SIZE)
     assert roles and all(r.count(ROLE_SUBJECT) == 1 and r.count(ROLE_CONDITION) == 1 for r in roles)
+
+
+def test_composes_with_another_control_on_the_same_layers(kit):
+    """A second control on every self-attention layer (the chain is no longer exclusive, so
+    the stream rows go through ``attend_next``) leaves the result unchanged, in either order."""
+    from qkv_control.attention.layers import select_layers
+    from qkv_control.patching.control import AttentionControl
+
+    class PassThrough(AttentionControl):
+        def select_layers(self, layers):
+            return select_layers("all", layers, "attn1")
+
+    args = (kit["positive"], kit["negative"])
+    alone = sample(add_control(kit["model"], _replacement(kit)), *args, steps=STEPS, size=SIZE)
+    after = sample(add_control(add_control(kit["model"], _replacement(kit)), PassThrough()), *args,
+                   steps=STEPS, size=SIZE)
+    before = sample(add_control(add_control(kit["model"], PassThrough()), _replacement(kit)), *args,
+                    steps=STEPS, size=SIZE)
+    torch.testing.assert_close(after, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(before, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_replacement_batch_and_cfg1(kit):
+    """Batch 2 at cfg 1: both items start from the one scene, share the stream rows (2 + 2 rows
+    per call) and, the sampler being deterministic, come out the same."""
+    control = _replacement(kit)
+    rec = Recorder(control)
+    out = sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=STEPS, cfg=1.0,
+                 batch=2, size=SIZE)
+    assert torch.isfinite(out).all()
+    assert all(c[1] == 2 and c[2] == 2 for c in rec.calls)
+    torch.testing.assert_close(out[0], out[1])

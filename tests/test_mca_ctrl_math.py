@@ -74,6 +74,22 @@ def test_salq_per_row_region_uses_float_masks(attend):
     assert masks and all(m.dtype == q.dtype and set(m.unique().tolist()) <= {0.0, float("-inf")} for m in masks)
 
 
+def test_salq_row_with_region_everywhere_stays_finite(attend):
+    """Per-row regions where one row is all region: its background branch has no key and a
+    zero weight, and must not turn the row into NaN."""
+    n = 8
+    q, _, _ = _qkv(2, n, seed=13)
+    k_s, v_s, _ = _qkv(1, n, seed=14)
+    k_c, v_c, _ = _qkv(2, n, seed=15)
+    region = torch.zeros(2, n)
+    region[0] = 1.0
+    region[1, :3] = 1.0
+    out = mca.salq(q, k_s, v_s, k_c, v_c, torch.ones(1, n, dtype=torch.bool), region, attend)
+    assert torch.isfinite(out).all()
+    ref0 = plain_attention(q[:1], k_s, v_s, HEADS)
+    torch.testing.assert_close(out[:1], ref0, atol=ATOL, rtol=1e-5)
+
+
 def test_salq_all_ones_is_subject_kv_replacement(attend):
     n = 12
     q, _, _ = _qkv(2, n, seed=7)
