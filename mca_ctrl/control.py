@@ -136,14 +136,14 @@ class MCACtrl(AttentionControl):
 
     def _phase_layers(self, layers) -> dict[str, frozenset]:
         return {
-            mca.PHASE_SALQ: frozenset(l.key for l in select_layers(self.salq_layers, layers, "attn1")),
-            mca.PHASE_SAGI: frozenset(l.key for l in select_layers(self.sagi_layers, layers, "attn1")),
+            mca.PHASE_SALQ: frozenset(layer.key for layer in select_layers(self.salq_layers, layers, "attn1")),
+            mca.PHASE_SAGI: frozenset(layer.key for layer in select_layers(self.sagi_layers, layers, "attn1")),
         }
 
     def select_layers(self, layers):
         by_phase = self._phase_layers(layers)
         wanted = by_phase[mca.PHASE_SALQ] | by_phase[mca.PHASE_SAGI]
-        chosen = tuple(l for l in layers if l.kind == "attn1" and l.key in wanted)
+        chosen = tuple(layer for layer in layers if layer.kind == "attn1" and layer.key in wanted)
         if self.automatic_mask:
             chosen += self._auto_layers(layers)
         return chosen
@@ -152,7 +152,7 @@ class MCACtrl(AttentionControl):
     def start_run(self, run) -> None:
         st = run.state(self)
         st["phase_layers"] = self._phase_layers(run.layers)
-        st["auto_layers"] = frozenset(l.key for l in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
+        st["auto_layers"] = frozenset(layer.key for layer in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
         st["steps"] = max(int(run.sample_sigmas.shape[-1]) - 1, 1)
         st["anchors"] = {}       # generated condition stream, per item
         st["masks"] = {}         # (latent hw, tokens, region version) -> LayerMasks

@@ -266,3 +266,24 @@ def test_replacement_batch_and_cfg1(kit):
     assert torch.isfinite(out).all()
     assert all(c[1] == 2 and c[2] == 2 for c in rec.calls)
     torch.testing.assert_close(out[0], out[1])
+
+
+def test_initial_noise_hook_sets_the_start(kit):
+    """patching: the noise a control's ``initial_noise`` returns is what the sampler starts from;
+    returning the noise unchanged changes nothing."""
+    import comfy.sample
+
+    from qkv_control.patching.control import AttentionControl
+
+    class Flip(AttentionControl):
+        def initial_noise(self, run, noise):
+            return noise.flip(-1)
+
+    latent = torch.zeros(1, 4, SIZE, SIZE)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    args = (STEPS, 5.0, "ddim", "normal", kit["positive"], kit["negative"], latent)
+    flipped = comfy.sample.sample(add_control(kit["model"], Flip()), noise, *args, seed=0)
+    reference = comfy.sample.sample(kit["model"], noise.flip(-1), *args, seed=0)
+    torch.testing.assert_close(flipped, reference, atol=1e-6, rtol=0)
+    unchanged = comfy.sample.sample(add_control(kit["model"], AttentionControl()), noise, *args, seed=0)
+    torch.testing.assert_close(unchanged, comfy.sample.sample(kit["model"], noise, *args, seed=0), atol=0, rtol=0)
