@@ -93,10 +93,13 @@ def _qkv(layer, rows, seed=0, nq=16, nt=77):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("policy", [None, "both", "negative_image"])
+@pytest.mark.parametrize("policy", [None, "both", "negative_image", "negative_image_given"])
 def test_decoupled_layer_matches_formula_by_row_role(family, policy, adapter_dir, vision, images):
     model, _, adapter = setup(family, adapter_dir)
-    if policy is not None:
+    if policy == "negative_image_given":
+        model = set_transformer_option(model, keys.IMAGE_PROMPT_POLICY,
+                                       ImagePromptPolicy("negative_image", negative_image=images[1]))
+    elif policy is not None:
         model = set_transformer_option(model, keys.IMAGE_PROMPT_POLICY, ImagePromptPolicy(policy))
     weight = 0.7
     patched = apply(model, adapter, vision, images[0], weight)
@@ -121,8 +124,11 @@ def test_decoupled_layer_matches_formula_by_row_role(family, policy, adapter_dir
         torch.testing.assert_close(out[:1], text[:1])
     elif policy == "both":
         torch.testing.assert_close(out[:1], text[:1] + image_term(tokens.cond, [0]), atol=1e-5, rtol=1e-4)
-    else:  # negative image without an image: IP-Adapter's own negative (empty-image tokens)
+    elif policy == "negative_image":  # without an image: IP-Adapter's own negative (empty-image tokens)
         torch.testing.assert_close(out[:1], text[:1] + image_term(tokens.uncond, [0]), atol=1e-5, rtol=1e-4)
+    else:  # the policy's negative image, encoded at the start of the run
+        negative = adapter.encode(vision, images[1]).cond
+        torch.testing.assert_close(out[:1], text[:1] + image_term(negative, [0]), atol=1e-5, rtol=1e-4)
     run.close()
 
 

@@ -211,3 +211,30 @@ def test_clip_vision_width_mismatch_names_both(adapter_dir):
     tokens = adapter.encode(tiny_clip_vision(0), torch.rand(2, 56, 56, 3))
     assert tokens.cond.shape == (1, 8, 64)  # two images -> one 8-token prompt
     assert tokens.uncond.shape == (1, 8, 64)
+
+
+def test_ipadapter_folder_keeps_paths_from_extra_model_paths(monkeypatch, tmp_path):
+    import folder_paths
+
+    from qkv_control.nodes import ip_adapter_nodes
+
+    # extra_model_paths.yaml creates the entry with no extensions before custom nodes load
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ipadapter", ([str(tmp_path)], set()))
+    ip_adapter_nodes.register_folder()
+    paths, extensions = folder_paths.folder_names_and_paths["ipadapter"]
+    assert paths[0] == str(tmp_path) and os.path.join(folder_paths.models_dir, "ipadapter") in paths
+    assert {".bin", ".safetensors"} <= extensions
+
+
+def test_nodes_have_help_pages_and_tooltips():
+    from pathlib import Path
+
+    from qkv_control.nodes.ip_adapter_nodes import NODES
+
+    docs = Path(__file__).resolve().parents[1] / "web" / "docs"
+    for node in NODES:
+        schema = node.define_schema()
+        assert schema.node_id.startswith("QKV") and schema.description
+        assert (docs / f"{schema.node_id}.md").is_file(), schema.node_id
+        for item in list(schema.inputs) + list(schema.outputs):
+            assert item.tooltip, f"{schema.node_id}.{getattr(item, 'id', '?')} has no tooltip"
