@@ -4,7 +4,7 @@ PORT ?= 8188
 WORKFLOW ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench lint workflows-api screenshots
+.PHONY: setup test demo serve bench lint workflows-api workflows-docs screenshots
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ lint: setup
 # API-format copies of workflows/*.json into workflows/api/ (tests/test_workflow_files.py checks them).
 workflows-api: setup
 	$(PY) scripts/workflows_api.py
+
+# docs/workflows.md from the workflows' notes and loaders (tests/test_packaging.py checks it is current).
+workflows-docs:
+	$(PY) scripts/workflows_doc.py
 
 # README screenshots (docs/screenshots/*.png), taken by the browser test.
 screenshots: setup

@@ -270,8 +270,7 @@ async function main() {
         result.search[node.name] = await checkSearch(page, node);
         if (node === config.nodes[0]) {
           // One screenshot of the search box with the pack's nodes listed.
-          await page.mouse.dblclick(VIEWPORT.width / 2, VIEWPORT.height / 2);
-          await page.waitForTimeout(300);
+          await openSearchBox(page);
           await page.keyboard.type("QKV", { delay: 5 });
           await page.waitForTimeout(1000);
           await screenshot(page, "node_search");
@@ -283,7 +282,19 @@ async function main() {
     await timed("styles", async () => {
       await page.evaluate(() => window.app.graph.clear());
       for (const node of config.nodes) result.styles[node.name] = await checkStyle(page, node);
-      await page.evaluate(() => window.app.graph.arrange?.());
+      // Lay the nodes out in columns (grouped by category) for the screenshot.
+      await page.evaluate(() => {
+        const nodes = [...window.app.graph.nodes].sort((a, b) =>
+          String(a.constructor.category).localeCompare(String(b.constructor.category)) || a.title.localeCompare(b.title));
+        let x = 0, y = 0, columnWidth = 0;
+        for (const node of nodes) {
+          if (y > 0 && y + node.size[1] > 1300) { x += columnWidth + 60; y = 0; columnWidth = 0; }
+          node.pos = [x, y + 40];
+          y += node.size[1] + 80;
+          columnWidth = Math.max(columnWidth, node.size[0]);
+        }
+        window.app.graph.setDirtyCanvas(true, true);
+      });
       await fitView(page);
       await screenshot(page, "pack_nodes");
     });
