@@ -10,6 +10,7 @@ from qkv_control.attention import mca_ctrl as mca
 from qkv_control.attention.rows import ROLE_CONDITION, ROLE_SUBJECT
 from qkv_control.inversion.invert import invert
 from qkv_control.mca_ctrl.control import MCACtrl
+from qkv_control.patching.layers import discover_layers
 from qkv_control.patching.patch import add_control
 
 STEPS = 4
@@ -287,3 +288,33 @@ def test_initial_noise_hook_sets_the_start(kit):
     torch.testing.assert_close(flipped, reference, atol=1e-6, rtol=0)
     unchanged = comfy.sample.sample(add_control(kit["model"], AttentionControl()), noise, *args, seed=0)
     torch.testing.assert_close(unchanged, comfy.sample.sample(kit["model"], noise, *args, seed=0), atol=0, rtol=0)
+
+
+def test_salq_in_the_model_matches_masked_reference(kit):
+    """In the running model, the target rows' SALQ output equals the paper's formula computed
+    with full key sets, 0/-inf masks and plain SDPA, at every scheduled layer."""
+    control = _replacement(kit, schedule=mca.PhaseSchedule(0.0, 1.0))
+    checked = []
+    original = control._mca_attention
+
+    def check(call, phase, masks, targets, subject_rows, condition_rows, q, k, v, attend_next):
+        out = original(call, phase, masks, targets, subject_rows, condition_rows, q, k, v, attend_next)
+        s, c = subject_rows[0], condition_rows[0]
+        rows = len(targets)
+        neg = float("-inf")
+        m_s = torch.zeros(masks.subject_keys.shape).masked_fill(~masks.subject_keys, neg)
+        m_c = torch.zeros(masks.region.shape).masked_fill(~masks.background_keys, neg)
+        qt = q[torch.tensor(targets)]
+        f_s = call.plain(qt, k[s:s + 1].expand(rows, -1, -1), v[s:s + 1].expand(rows, -1, -1),
+                         mask=m_s.expand(rows, -1).unsqueeze(1))
+        f_c = call.plain(qt, k[c:c + 1].expand(rows, -1, -1), v[c:c + 1].expand(rows, -1, -1),
+                         mask=m_c.expand(rows, -1).unsqueeze(1))
+        r = masks.region[..., None]
+        torch.testing.assert_close(out[torch.tensor(targets)], (1 - r) * f_c + r * f_s, atol=1e-5, rtol=1e-4)
+        checked.append(call.layer.key)
+        return out
+
+    control._mca_attention = check
+    sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=2, size=SIZE)
+    every_self_attention = {layer.key for layer in discover_layers(kit["model"]) if layer.kind == "attn1"}
+    assert set(checked) == every_self_attention
