@@ -174,6 +174,15 @@ class IPAdapterControl(AttentionControl):
         # so it runs on all of them and the image rows are then replaced by their joint
         # attention (plain attention over text + image keys).
         index = torch.as_tensor(rows, dtype=torch.long, device=q.device)
-        out = attend_next(q, k, v).clone()
-        out[index] = joint_attention(q[index], k[index], v[index], images, self._plain(call)).to(out.dtype)
+        joint = joint_attention(q[index], k[index], v[index], images, self._plain(call))
+        if getattr(call, "exclusive", False):
+            # Nothing else acts on this layer: plain attention on the other rows is
+            # exactly what the chain would give them, without recomputing the image rows.
+            others = torch.as_tensor([r for r in range(q.shape[0]) if r not in set(rows)], dtype=torch.long,
+                                     device=q.device)
+            out = q.new_empty(q.shape[:2] + (v.shape[-1],))
+            out[others] = self._plain(call)(q[others], k[others], v[others]).to(out.dtype)
+        else:
+            out = attend_next(q, k, v).clone()
+        out[index] = joint.to(out.dtype)
         return out

@@ -133,7 +133,8 @@ def test_decoupled_layer_matches_formula_by_row_role(family, policy, adapter_dir
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_joint_layer_is_one_attention_over_text_and_image(family, adapter_dir, vision, images):
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_joint_layer_is_one_attention_over_text_and_image(family, exclusive, adapter_dir, vision, images):
     model, _, adapter = setup(family, adapter_dir)
     patched = apply(model, adapter, vision, images[0], 1.0, mode="joint")
     run = _run(patched)
@@ -141,8 +142,9 @@ def test_joint_layer_is_one_attention_over_text_and_image(family, adapter_dir, v
     layer = [layer for layer in run.layers if layer.kind == "attn2"][-1]
     layout = RowLayout((Row(ROLE_COND, 0), Row(ROLE_UNCOND, 0)))
     call, _ = _layer_call(run, layer, layout)
-    q, k, v = _qkv(layer, 2, seed=1)
     plain = bind_heads(plain_attention, layer.heads)
+    call.plain, call.exclusive = plain, exclusive
+    q, k, v = _qkv(layer, 2, seed=1)
     out = control.attend(call, q, k, v, plain)
     w_k, w_v = control.layer_kv[layer.key]
     t = control.references[0].tokens.cond
