@@ -157,7 +157,8 @@ class MCACtrl(AttentionControl):
         st["anchors"] = {}       # generated condition stream, per item
         st["masks"] = {}         # (latent hw, tokens, region version) -> LayerMasks
         st["latent_masks"] = {}  # latent hw -> (subject [1,1,H,W], region [B,1,H,W] or None)
-        st["auto"] = None        # automatic region: (step, grid, accumulated map [items, N], region [items, N])
+        st["auto"] = None        # automatic mask of the current step: step, grid, summed map [items, N], count
+        st["auto_region"] = None  # (grid, region [items, N]) in use
         st["auto_version"] = 0
         st["warned"] = set()
 
@@ -234,10 +235,9 @@ class MCACtrl(AttentionControl):
             return masks
         subject, region = self._latent_masks(st, latent_hw)
         if region is None:
-            auto = st["auto"]
-            if auto is None:
+            if st["auto_region"] is None:
                 return None
-            _, grid, _, region_tokens = auto
+            grid, region_tokens = st["auto_region"]
             layer_grid = mca.token_grid(latent_hw, n_tokens)
             region_tokens = mca.resize_tokens(region_tokens, grid, layer_grid)
             region = region_tokens.view(-1, 1, *layer_grid)
@@ -248,7 +248,8 @@ class MCACtrl(AttentionControl):
 
     def _capture_word_map(self, call, st, q, k, condition_rows) -> None:
         """Automatic target mask (official code): top 30% of the subject word's cross-attention
-        of the condition stream at 16x16, accumulated over that level's layers of the step."""
+        of the condition stream at 16x16, summed over that level's layers of a step. Until a
+        step has seen all of them, the previous step's complete mask stays in use."""
         heads = call.heads
         t0 = self.generated.context.shape[1]
         copies = max(k.shape[1] // t0, 1)
@@ -257,17 +258,21 @@ class MCACtrl(AttentionControl):
             return
         rows = torch.tensor(condition_rows, device=q.device)
         word_map = mca.word_attention_map(q.index_select(0, rows), k.index_select(0, rows), heads, tokens)
-        latent_hw = tuple(call.extra_options["original_shape"][-2:])
+        latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
         grid = mca.token_grid(latent_hw, q.shape[1])
         step = call.run.step_index(call.sigma_value)
         auto = st["auto"]
-        if auto is not None and auto[0] == step and auto[1] == grid and auto[2].shape == word_map.shape:
-            accumulated = auto[2] + word_map
+        if auto is not None and auto["step"] == step and auto["grid"] == grid and auto["sum"].shape == word_map.shape:
+            auto["sum"] = auto["sum"] + word_map
+            auto["count"] += 1
         else:
-            accumulated = word_map
-        region = mca.top_fraction_mask(mca.normalize_map(accumulated), self.auto_mask_fraction)
-        st["auto"] = (step, grid, accumulated, region)
-        st["auto_version"] += 1
+            auto = {"step": step, "grid": grid, "sum": word_map, "count": 1}
+            st["auto"] = auto
+        complete = auto["count"] >= len(st["auto_layers"])
+        if complete or st["auto_region"] is None or st["auto_region"][0] != grid:
+            region = mca.top_fraction_mask(mca.normalize_map(auto["sum"]), self.auto_mask_fraction)
+            st["auto_region"] = (grid, region.cpu())
+            st["auto_version"] += 1
 
     # ---------------------------------------------------------------- attention
     def attend(self, call, q, k, v, attend_next):

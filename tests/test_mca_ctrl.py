@@ -195,9 +195,21 @@ def test_automatic_mask_from_subject_word(kit):
     condition = encode(clip, "a dog on the beach")
     control = MCACtrl(kit["subject"], SUBJECT_MASK, None, condition_context=condition[0][0],
                       subject_tokens=[2], schedule=mca.PhaseSchedule(0.25, 1.0))
-    rec = Recorder(control)
+    regions = []
+    original = control._mca_attention
+
+    def spy(call, phase, masks, *args):
+        if masks.region.shape[-1] == (SIZE // 4) ** 2:  # the 16x16-equivalent level (latent / 4)
+            regions.append(masks.region)
+        return original(call, phase, masks, *args)
+
+    control._mca_attention = spy
     sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
-    assert rec.acted
+    assert regions
+    tokens = (SIZE // 4) ** 2
+    for region in regions:  # binary, the top 30% of the tokens
+        assert set(region.unique().tolist()) <= {0.0, 1.0}
+        assert (region.sum(-1) == round(0.3 * tokens)).all()
 
 
 def test_subject_of_another_size(kit):
