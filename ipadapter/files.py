@@ -103,11 +103,12 @@ def parse_state(state: dict, name: str = "IP-Adapter file") -> IPAdapterWeights:
         if pair["k"].shape != pair["v"].shape:
             raise ValueError(f"{name}: expected ip_adapter.{number} to_k_ip and to_v_ip of one shape, got "
                              f"{tuple(pair['k'].shape)} and {tuple(pair['v'].shape)}")
-        kv[number] = (pair["k"].float(), pair["v"].float())
+        # Kept in the file's dtype (fp16 for the released files); cast per layer when used.
+        kv[number] = (pair["k"], pair["v"])
     widths = {w.shape[1] for w, _ in kv.values()}
     if len(widths) != 1:
         raise ValueError(f"{name}: expected one cross-attention width in ip_adapter weights, got {sorted(widths)}")
-    return IPAdapterWeights({k: v.float() for k, v in image_proj.items()}, kv)
+    return IPAdapterWeights(dict(image_proj), kv)
 
 
 def load_file(path: str) -> IPAdapterWeights:

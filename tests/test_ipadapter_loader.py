@@ -238,3 +238,15 @@ def test_nodes_have_help_pages_and_tooltips():
         assert (docs / f"{schema.node_id}.md").is_file(), schema.node_id
         for item in list(schema.inputs) + list(schema.outputs):
             assert item.tooltip, f"{schema.node_id}.{getattr(item, 'id', '?')} has no tooltip"
+
+
+def test_fp16_files_load_as_released(tmp_path):
+    """The released files are fp16: K/V weights stay fp16 (cast per layer when used), the
+    projection runs in float32."""
+    state = adapter_state("sd15", "resampler", seed=2)
+    half = {group: {k: v.half() for k, v in values.items()} for group, values in state.items()}
+    save(half, tmp_path / "half.safetensors")
+    adapter = IPAdapterModel(load_file(str(tmp_path / "half.safetensors")))
+    assert adapter.kv[1][0].dtype == torch.float16
+    tokens = adapter.tokens_from_features(torch.randn(1, 17, 64))
+    assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
