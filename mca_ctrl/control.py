@@ -64,6 +64,8 @@ class MCACtrl(AttentionControl):
                       (1 - M_C); None = automatic (generation only)
     condition:        InversionResult of the scene (replacement / addition), or None
     condition_context: [1, T, D] text context of the generated condition stream (generation)
+    condition_cfg:    CFG of the generated condition stream (1 = one row per image and step;
+                      above 1 a second row runs the target's negative prompt)
     subject_tokens:   token indices of the subject word in the condition prompt (automatic mask)
     """
 
@@ -79,7 +81,7 @@ class MCACtrl(AttentionControl):
                  subject_dilation: int = 3, region_dilation: int = 0,
                  subject_tokens: Optional[list[int]] = None,
                  auto_mask_layers: str = "level:2", auto_mask_fraction: float = 0.3,
-                 label: str = NAME):
+                 condition_cfg: float = 1.0, label: str = NAME):
         super().__init__()
         if subject.batch != 1:
             raise ValueError(f"{label}: expected one subject image, got a batch of {subject.batch}")
@@ -106,7 +108,7 @@ class MCACtrl(AttentionControl):
         self.condition = condition
         self.generated = None
         if condition_context is not None:
-            self.generated = GeneratedStream(condition_context, condition_conds)
+            self.generated = GeneratedStream(condition_context, condition_conds, cfg=condition_cfg)
         self.schedule = schedule
         self.salq_layers = salq_layers
         self.sagi_layers = sagi_layers

@@ -14,8 +14,12 @@ from typing import Optional
 
 import torch
 
-from ..attention.rows import ROLE_CONDITION
+from ..attention.rows import ROLE_CONDITION, ROLE_UNCOND
 from ..patching.control import ExtraRow, ModelCall
+
+
+# Role of the optional negative rows of a generated stream with CFG; no attention mode reads them.
+ROLE_CONDITION_NEGATIVE = "condition_negative"
 
 
 class GeneratedStream:
@@ -23,14 +27,20 @@ class GeneratedStream:
 
     context: [1, T, D] cross-attention context of the condition prompt.
     conds:   other per-row model inputs (missing ones copy a positive sampler row).
+    cfg:     1 = one row per item and step (no CFG). Above 1, a second row per item runs the
+             target's negative prompt (taken from the call's negative rows) and the stream is
+             guided, ``D = D_neg + cfg (D_pos - D_neg)``; a call without negative rows (cfg 1
+             on the sampler) falls back to one row.
     State lives in the dict the caller passes (the control's run state), as
     ``{item: (sigma, x, denoised or None)}``: the last anchor of each item.
     """
 
-    def __init__(self, context: torch.Tensor, conds: Optional[dict] = None, role: str = ROLE_CONDITION):
+    def __init__(self, context: torch.Tensor, conds: Optional[dict] = None, role: str = ROLE_CONDITION,
+                 cfg: float = 1.0):
         self.context = context
         self.conds = dict(conds or {})
         self.role = role
+        self.cfg = float(cfg)
 
     @staticmethod
     def latent_at(anchor, sigma: float) -> torch.Tensor:
@@ -40,19 +50,37 @@ class GeneratedStream:
             return x_a
         return denoised + (x_a - denoised) * (sigma / sigma_a)
 
+    @staticmethod
+    def _row_of(call: ModelCall, item: int, role: Optional[str] = None) -> Optional[int]:
+        for i, row in enumerate(call.layout.rows):
+            if row.is_sampler_row and row.item == item and (role is None or row.role == role):
+                return i
+        return None
+
+    def _negative_row(self, call: ModelCall, item: int, x: torch.Tensor, on_output) -> Optional[ExtraRow]:
+        index = self._row_of(call, item, ROLE_UNCOND)
+        if index is None or call.context is None:
+            return None
+        batch = call.x.shape[0]
+        conds = {name: value[index:index + 1] for name, value in call.conds.items()
+                 if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch}
+        return ExtraRow(role=ROLE_CONDITION_NEGATIVE, x=x, context=call.context[index:index + 1], conds=conds,
+                        on_output=on_output, item=item)
+
     def rows_for(self, call: ModelCall, anchors: dict, items: list[int]) -> list[ExtraRow]:
         sigma = call.sigma_value
-        rows = []
+        rows, negatives = [], []
         for item in items:
             anchor = anchors.get(item)
             if anchor is None:
                 # First call of the run: the target's own starting latent for this item.
-                index = [i for i, row in enumerate(call.layout.rows) if row.is_sampler_row and row.item == item][0]
+                index = self._row_of(call, item)
                 anchor = (sigma, call.x[index:index + 1].detach().clone(), None)
                 anchors[item] = anchor
             x = self.latent_at(anchor, sigma).to(call.x)
+            pending: dict = {}
 
-            def on_output(denoised, item=item, x=x, sigma=sigma):
+            def update(denoised, item=item, x=x, sigma=sigma):
                 current = anchors.get(item)
                 # Keep the first prediction at a sigma (cond/uncond may arrive in two calls),
                 # and only move forward in the schedule.
@@ -60,6 +88,20 @@ class GeneratedStream:
                     return
                 anchors[item] = (sigma, x.detach(), denoised.detach().to(x))
 
+            negative = None
+            if self.cfg != 1.0:
+                # The positive row's output waits for the negative one (appended after it).
+                def on_positive(denoised, pending=pending):
+                    pending["positive"] = denoised.detach()
+
+                def on_negative(denoised, pending=pending, update=update):
+                    positive = pending.pop("positive")
+                    update(denoised + self.cfg * (positive - denoised))
+
+                negative = self._negative_row(call, item, x, on_negative)
+            on_output = on_positive if negative is not None else update
             rows.append(ExtraRow(role=self.role, x=x, context=self.context, conds=dict(self.conds),
                                  on_output=on_output, item=item))
-        return rows
+            if negative is not None:
+                negatives.append(negative)
+        return rows + negatives

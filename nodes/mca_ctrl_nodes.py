@@ -155,6 +155,11 @@ class QKVMCACtrlGenerate(io.ComfyNode):
                                       "subject word's cross-attention (top share at the 16x16 level)."),
                 io.Float.Input("auto_mask_share", default=0.3, min=0.01, max=1.0, step=0.01,
                                tooltip="Share of the tokens the automatic target mask keeps (official: 0.3)."),
+                io.Float.Input("condition_cfg", default=1.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="CFG of the condition stream. 1 = one row per image and step, no CFG "
+                                       "(4 rows per step in all). Above 1 (e.g. 7.5, the official setting) a "
+                                       "second row runs the KSampler's negative prompt: a cleaner condition "
+                                       "image for one more row per step."),
                 *_schedule_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with MCA-Ctrl: sample it with KSampler.")],
@@ -166,7 +171,7 @@ class QKVMCACtrlGenerate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, subject, subject_mask, condition_prompt, subject_word, auto_mask_share,
-                sagi_steps, salq_end, order, salq_layers, sagi_layers, subject_dilation,
+                condition_cfg, sagi_steps, salq_end, order, salq_layers, sagi_layers, subject_dilation,
                 target_mask=None) -> io.NodeOutput:
         check_inversion(GENERATE_NAME, subject, model, "subject")
         _check_layers(GENERATE_NAME, model, salq_layers, sagi_layers)
@@ -185,7 +190,8 @@ class QKVMCACtrlGenerate(io.ComfyNode):
                               schedule=_schedule(GENERATE_NAME, sagi_steps, salq_end, order),
                               salq_layers=salq_layers, sagi_layers=sagi_layers,
                               subject_dilation=subject_dilation, subject_tokens=subject_tokens,
-                              auto_mask_fraction=auto_mask_share, label=GENERATE_NAME)
+                              auto_mask_fraction=auto_mask_share, condition_cfg=condition_cfg,
+                              label=GENERATE_NAME)
         except ValueError as error:
             message = str(error)
             raise ValueError(message if message.startswith(GENERATE_NAME) else f"{GENERATE_NAME}: {message}") from None

@@ -330,3 +330,36 @@ def test_salq_in_the_model_matches_masked_reference(kit):
     sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=2, size=SIZE)
     every_self_attention = {layer.key for layer in discover_layers(kit["model"]) if layer.kind == "attn1"}
     assert set(checked) == every_self_attention
+
+
+def test_generated_condition_stream_with_cfg(kit):
+    """condition_cfg > 1: one negative row per item (the target's negative prompt) and the
+    stream steps with the guided prediction D_neg + cfg (D_pos - D_neg)."""
+    from qkv_control.mca_ctrl.streams import ROLE_CONDITION_NEGATIVE
+
+    condition = encode(kit["clip"], "a dog on the beach")
+    control = MCACtrl(kit["subject"], SUBJECT_MASK, REGION_MASK, condition_context=condition[0][0],
+                      condition_cfg=3.0, schedule=mca.PhaseSchedule(0.25, 1.0))
+    stream = control.generated
+    rows_for = stream.rows_for
+    checked = []
+
+    def spy(call, anchors, items):
+        rows = rows_for(call, anchors, items)
+        outputs = {}
+        for row in rows:
+            def wrapped(denoised, callback=row.on_output, role=row.role):
+                outputs[role] = denoised.clone()
+                callback(denoised)
+                if role == ROLE_CONDITION_NEGATIVE:
+                    guided = outputs[role] + 3.0 * (outputs[ROLE_CONDITION] - outputs[role])
+                    torch.testing.assert_close(anchors[0][2], guided)
+                    checked.append(call.sigma_value)
+            row.on_output = wrapped
+        assert [r.role for r in rows] == [ROLE_CONDITION, ROLE_CONDITION_NEGATIVE]
+        return rows
+
+    stream.rows_for = spy
+    rec = Recorder(control)
+    sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
+    assert len(checked) == STEPS and all(c[1] == 3 for c in rec.calls)  # 2 target + subject + 2 condition rows

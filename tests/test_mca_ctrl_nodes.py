@@ -45,7 +45,7 @@ def test_replace_node_patches_a_clone(kit):
 
 def test_generate_node_automatic_mask(kit):
     (model,) = QKVMCACtrlGenerate.execute(kit["model"], kit["clip"], kit["subject"], kit["mask"],
-                                          "a photo of a dog on the beach", "dog", 0.3, **SCHEDULE).args
+                                          "a photo of a dog on the beach", "dog", 0.3, 1.0, **SCHEDULE).args
     control = registered_controls(model)[0]
     assert control.automatic_mask and control.subject_tokens == [5]
     acted = []
@@ -62,7 +62,7 @@ def test_validation_messages(kit):
         QKVMCACtrlReplace.execute(kit["model"], kit["subject"], kit["mask"], kit["scene"], kit["mask"],
                                   target_dilation=1, **dict(SCHEDULE, salq_layers="output:99"))
     with pytest.raises(ValueError, match="subject word 'cat' in the condition prompt"):
-        QKVMCACtrlGenerate.execute(kit["model"], kit["clip"], kit["subject"], kit["mask"], "a dog", "cat", 0.3,
+        QKVMCACtrlGenerate.execute(kit["model"], kit["clip"], kit["subject"], kit["mask"], "a dog", "cat", 0.3, 1.0,
                                    **SCHEDULE)
     with pytest.raises(ValueError, match="subject mask with the subject image's aspect ratio"):
         QKVMCACtrlReplace.execute(kit["model"], kit["subject"], torch.ones((1, 64, 128)), kit["scene"],
