@@ -218,6 +218,13 @@ class MCACtrl(AttentionControl):
         if cached is None:
             subject_hw = tuple(self.subject.chain.latent_shape[1:])
             subject = mca.fit_mask(self.subject_mask, subject_hw, latent_hw)
+            if float(subject.max()) <= 0:
+                raise ValueError(
+                    f"{self.label}: expected the subject to stay in view when the subject image "
+                    f"({subject_hw[0] * 8}x{subject_hw[1] * 8}) is centre-cropped to the target's aspect ratio "
+                    f"({latent_hw[0] * 8}x{latent_hw[1] * 8}), got an empty subject mask after the crop: crop the "
+                    f"subject image around the subject first"
+                )
             region = None
             if self.region_mask is not None:
                 scene_hw = tuple(self.condition.chain.latent_shape[1:]) if self.condition is not None else latent_hw

@@ -224,6 +224,12 @@ def test_subject_of_another_size(kit):
     assert torch.isfinite(out).all()
     fitted, _ = control._latent_masks({"latent_masks": {}, "warned": set()}, (SIZE, SIZE))
     assert fitted.shape[-2:] == (SIZE, SIZE) and float(fitted.sum()) > 0
+    # A subject at the very top of the tall image is cropped away: a clear error, not a silent no-op.
+    top = mask.new_zeros(mask.shape)
+    top[:, :24, 48:80] = 1
+    with pytest.raises(ValueError, match="subject to stay in view"):
+        MCACtrl(subject, top, REGION_MASK, condition=kit["scene"])._latent_masks(
+            {"latent_masks": {}, "warned": set()}, (SIZE, SIZE))
 
 
 def test_empty_masks(kit):
