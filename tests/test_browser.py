@@ -51,20 +51,39 @@ def _missing_tools() -> list[str]:
     return missing
 
 
+def write_template_thumbnails(screenshots: Path, width: int = 640) -> None:
+    """workflows/<name>.jpg from the workflow screenshots: the template browser's card image for
+    a custom node's workflow (the frontend asks for ``/api/workflow_templates/<pack>/<name>.jpg``)."""
+    from PIL import Image
+
+    for path in WORKFLOWS:
+        shot = screenshots / f"workflow_{path.stem}.png"
+        if not shot.is_file():
+            continue
+        image = Image.open(shot).convert("RGB")
+        # Drop the sidebar and the tab bar: the graph is what the card should show.
+        left, top = int(image.width * 0.04), int(image.height * 0.06)
+        image = image.crop((left, top, image.width, image.height))
+        image.thumbnail((width, width), Image.LANCZOS)
+        image.save(path.with_suffix(".jpg"), quality=80, optimize=True)
+
+
 def pack_nodes(object_info: dict) -> dict[str, dict]:
     return {name: info for name, info in object_info.items()
             if str(info.get("python_module", "")).split(".")[:2] == PACK_MODULE.split(".")}
 
 
 @pytest.fixture(scope="module")
-def frontend(comfy_server, tmp_path_factory):
-    """Run the browser script once for the module; returns (report dict, seconds)."""
+def frontend(request, tmp_path_factory):
+    """Run the browser script once for the module; returns its report (+ "seconds")."""
     missing = _missing_tools()
     if missing:
         message = "browser test tools missing: " + "; ".join(missing)
-        if os.environ.get("CI"):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(message + " (CI: scripts/setup.sh must install them)")
         pytest.skip(message)
+    # Only now the server: a skip costs no server start.
+    comfy_server = request.getfixturevalue("comfy_server")
     work = tmp_path_factory.mktemp("browser")
     screenshots = Path(os.environ.get("QKV_SCREENSHOTS") or work / "screenshots")
     if not screenshots.is_absolute():
@@ -95,6 +114,8 @@ def frontend(comfy_server, tmp_path_factory):
     report = json.loads(result_path.read_text())
     assert not report.get("fatal"), f"browser script failed: {report['fatal']}\n{proc.stderr[-2000:]}"
     report["seconds"] = seconds
+    if os.environ.get("QKV_SCREENSHOTS"):
+        write_template_thumbnails(screenshots)
     logging.getLogger("qkv_control").info("browser run: %.1f s, stages %s", seconds, report["timings"])
     return report
 
@@ -102,7 +123,11 @@ def frontend(comfy_server, tmp_path_factory):
 def test_frontend_loads_the_extension_without_errors(frontend):
     assert frontend["extension_registered"], (
         f"the frontend did not register {EXTENSION_NAME}; console errors: {frontend['console_errors'][:10]}")
-    assert not frontend["failed_pack_requests"], f"pack files failed to load: {frontend['failed_pack_requests']}"
+    failed = sorted({f"{item['url'].split('/', 3)[-1]} ({item['status']})" for item in frontend["failed_pack_requests"]
+                     if item["status"] != "net::ERR_ABORTED"})
+    thumbnails = [f for f in failed if f.startswith("api/workflow_templates/") and ".jpg " in f]
+    assert not thumbnails, f"template thumbnails missing (run `make screenshots`): {thumbnails}"
+    assert not failed, f"pack files failed to load: {failed}"
     assert not frontend["extension_errors"], f"console errors from the pack's scripts: {frontend['extension_errors']}"
 
 

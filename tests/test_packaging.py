@@ -112,3 +112,10 @@ def test_workflows_doc_is_current():
     spec.loader.exec_module(module)
     current = (ROOT / "docs" / "workflows.md").read_text()
     assert current == module.render(), "docs/workflows.md is out of date: run `make workflows-docs`"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_has_a_template_thumbnail(path):
+    # The template browser shows workflows/<name>.jpg on the workflow's card (and logs a 404 without it).
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.relative_to(ROOT)} missing: run `make screenshots`"

@@ -20,6 +20,7 @@ const VIEWPORT = { width: 1920, height: 1200 };
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const packPrefix = `/extensions/${config.pack}/`;
+const templatePrefix = `/api/workflow_templates/${config.pack}/`;
 const result = {
   extension_registered: false,
   console_errors: [],      // every console error / page error, for the report
@@ -51,12 +52,12 @@ function watch(page) {
   });
   page.on("response", (response) => {
     const url = response.url();
-    if (mentionsPack(url) && response.status() >= 400) {
+    if ((mentionsPack(url) || url.includes(templatePrefix)) && response.status() >= 400) {
       result.failed_pack_requests.push({ url, status: response.status() });
     }
   });
   page.on("requestfailed", (request) => {
-    if (mentionsPack(request.url())) {
+    if (mentionsPack(request.url()) || request.url().includes(templatePrefix)) {
       result.failed_pack_requests.push({ url: request.url(), status: request.failure()?.errorText ?? "failed" });
     }
   });
