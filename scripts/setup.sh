@@ -107,7 +107,7 @@ ln -sfn "$ROOT" "$RUNTIME/import/qkv_control"
 # tests/test_browser.py drives Debian's chromium through playwright-core (npm, pinned in
 # tests/browser/package-lock.json, installed into $RUNTIME/node). Missing tools are reported
 # here, not fatal: the browser test then skips on a user's machine and fails in CI.
-CHROMIUM="/usr/bin/chromium"
+CHROMIUM="${QKV_CHROMIUM:-/usr/bin/chromium}"
 if [[ ! -x "$CHROMIUM" ]]; then
     if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
         log "installing Debian's chromium for the browser test (log: $RUNTIME/chromium-install.log)"
@@ -117,7 +117,7 @@ if [[ ! -x "$CHROMIUM" ]]; then
         fi
     else
         log "no $CHROMIUM and no way to install it here (needs root and apt-get):" \
-            "the browser test will be skipped; install Debian's chromium to run it"
+            "the browser test will be skipped (and fail in CI); install Debian's chromium to run it"
     fi
 fi
 
@@ -137,5 +137,5 @@ elif command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
         log "npm ci FAILED in $NODE_DIR: the browser test cannot run"
     fi
 else
-    log "node/npm not found: the browser test will be skipped; install Node.js >= 20 to run it"
+    log "node/npm not found: the browser test will be skipped (and fail in CI); install Node.js >= 20 to run it"
 fi
