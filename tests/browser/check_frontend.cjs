@@ -114,7 +114,7 @@ async function searchFor(page, query, wanted) {
   await page.keyboard.type(query, { delay: 5 });
   const items = page.getByTestId("result-item");
   try {
-    await items.filter({ hasText: wanted }).first().waitFor({ timeout: 5000 });
+    await items.filter({ hasText: wanted }).first().waitFor({ timeout: 3000 });
   } catch {
     await page.keyboard.press("Escape");
     return null;
@@ -268,7 +268,9 @@ async function main() {
 
     await timed("search", async () => {
       for (const node of config.nodes) {
+        const start = Date.now();
         result.search[node.name] = await checkSearch(page, node);
+        result.search[node.name].seconds = (Date.now() - start) / 1000;
         if (node === config.nodes[0]) {
           // One screenshot of the search box with the pack's nodes listed.
           await openSearchBox(page);
