@@ -109,12 +109,12 @@ async function openSearchBox(page) {
   return false;
 }
 
-async function searchFor(page, query, wanted) {
+async function searchFor(page, query, wanted, timeout) {
   if (!(await openSearchBox(page))) return null;
   await page.keyboard.type(query, { delay: 5 });
   const items = page.getByTestId("result-item");
   try {
-    await items.filter({ hasText: wanted }).first().waitFor({ timeout: 3000 });
+    await items.filter({ hasText: wanted }).first().waitFor({ timeout });
   } catch {
     await page.keyboard.press("Escape");
     return null;
@@ -127,10 +127,10 @@ async function searchFor(page, query, wanted) {
 async function checkSearch(page, node) {
   const wanted = squash(node.display_name || node.name);
   // What a user types: the display name; the node id as well, which the search also indexes.
-  let match = await searchFor(page, wanted, wanted);
+  let match = await searchFor(page, wanted, wanted, 3000);
   let query = wanted;
   if (match === null && node.name !== wanted) {
-    match = await searchFor(page, node.name, wanted);
+    match = await searchFor(page, node.name, wanted, 10000);
     query = node.name;
   }
   // The result row shows the description (cut by CSS only); compare its beginning.
