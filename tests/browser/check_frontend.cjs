@@ -127,9 +127,10 @@ async function searchFor(page, query, wanted, timeout) {
 async function checkSearch(page, node) {
   const wanted = squash(node.display_name || node.name);
   // What a user types: the display name; the node id as well, which the search also indexes.
-  let match = await searchFor(page, wanted, wanted, 3000);
+  const canFallBack = node.name !== wanted;
+  let match = await searchFor(page, wanted, wanted, canFallBack ? 3000 : 10000);
   let query = wanted;
-  if (match === null && node.name !== wanted) {
+  if (match === null && canFallBack) {
     match = await searchFor(page, node.name, wanted, 10000);
     query = node.name;
   }
