@@ -265,6 +265,7 @@ async function main() {
     await setSetting(page, "Comfy.Workflow.ShowMissingModelsWarning", false);
     // Full-detail nodes in the screenshots of whole workflows (no low-quality zoomed-out view).
     await setSetting(page, "LiteGraph.Canvas.MinFontSizeForLOD", 0);
+    await setSetting(page, "Comfy.Graph.CanvasInfo", false);  // no FPS counter in the screenshots
     await closeDialogs(page);
 
     await timed("search", async () => {
