@@ -10,7 +10,7 @@ import os
 import comfy.samplers
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..ipadapter.control import MODES, IPAdapterControl, Reference
 from ..ipadapter.files import load_file
@@ -365,7 +365,8 @@ class QKVAttentionMap(io.ComfyNode):
         mask = torch.nn.functional.interpolate((maps / peak).unsqueeze(1), scale_factor=8, mode="bilinear",
                                                align_corners=False)[:, 0].clamp(0, 1)
         preview = mask.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
-        return io.NodeOutput(latent, mask, preview)
+        # Shown on the node too, so thresholds can be tuned without a Preview Image node.
+        return io.NodeOutput(latent, mask, preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
 NODES = [QKVIPAdapterLoader, QKVIPAdapterApply, QKVIPAdapterStyleContent, QKVConditionGuidance, QKVMaskGuidance,

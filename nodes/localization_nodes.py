@@ -3,7 +3,7 @@ Localization Module)."""
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..localization import pipeline
 from ..localization.checkpoint_io import CheckpointError
@@ -147,7 +147,9 @@ class QKVTextSegment(io.ComfyNode):
         result = segment_with_text(grounding_dino, sam, image, prompt, box_threshold=box_threshold,
                                    text_threshold=text_threshold, keep=keep, dilation=dilation,
                                    detection_size=detection_resolution, clip_to_box=clip_to_box)
-        return io.NodeOutput(result.masks, pipeline.preview(image, result))
+        preview = pipeline.preview(image, result)
+        # Shown on the node too, so prompts and thresholds can be tuned at a glance.
+        return io.NodeOutput(result.masks, preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
 NODES = [QKVGroundingDinoLoader, QKVSamLoader, QKVTextSegment]
