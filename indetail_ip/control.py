@@ -127,11 +127,14 @@ class ReferenceAttentionControl(AttentionControl):
         if rows:
             index = torch.tensor(rows, device=k.device)
             kv = (k.index_select(0, index), v.index_select(0, index))
-            entry = state["kv"].get(role)
-            if entry is None or entry[0] != sigma:
-                entry = (sigma, {})
-                state["kv"][role] = entry
-            entry[1][call.layer.key] = kv
+            # Kept for a later call at this sigma only when this call does not hold the whole
+            # CFG step (cond and uncond in separate calls): saves the memory otherwise.
+            if not (call.layout.has(ROLE_COND) and call.layout.has(ROLE_UNCOND)):
+                entry = state["kv"].get(role)
+                if entry is None or entry[0] != sigma:
+                    entry = (sigma, {})
+                    state["kv"][role] = entry
+                entry[1][call.layer.key] = kv
             return kv
         entry = state["kv"].get(role)
         if entry is not None and abs(entry[0] - sigma) <= 1e-6 * max(1.0, abs(sigma)):

@@ -105,7 +105,30 @@ def cache_key(model, samples: torch.Tensor, sigmas: torch.Tensor, conditioning) 
     h.update(str(model.patches_uuid).encode())
     h.update(repr(sorted(model.patches.keys())).encode())
     h.update(repr(sorted(str(k) for k in model.object_patches)).encode())
+    h.update(_options_fingerprint(model.model_options).encode())
     return h.hexdigest()
+
+
+def _options_fingerprint(options) -> str:
+    """Identity of the callables another node patched into model_options (attention patches,
+    wrappers, cfg functions): clones share those objects, a different patch is another object.
+    This pack's own controls are stripped before inverting, so they are left out."""
+    parts = []
+
+    def walk(value, path):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if key in (keys.CONTROLS, keys.IMAGE_PROMPT_POLICY, keys.WRAPPER):
+                    continue
+                walk(value[key], f"{path}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+        elif callable(value):
+            parts.append(f"{path}={id(value)}")
+
+    walk(options, "")
+    return ";".join(parts)
 
 
 def _cached(model, key: str):

@@ -10,6 +10,7 @@ discarded unless ``on_output`` is given.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -65,9 +66,7 @@ class InvertedStream:
         context = self.inversion.context
         rows = []
         for item in range(x.shape[0]):
-            callback = None
-            if on_output is not None:
-                callback = (lambda out, item=item: on_output(item, out))
+            callback = functools.partial(on_output, item) if on_output is not None else None
             rows.append(ExtraRow(
                 role=self.role,
                 x=x[item:item + 1],
