@@ -145,6 +145,12 @@ def test_second_inversion_makes_no_unet_calls_and_a_changed_input_does(sd15):
         run_inversion(model, reference_latent(), negative)  # another prompt
         run_inversion(model, reference_latent(), positive, scheduler="karras")  # another schedule
     assert len(calls.rows) == 2 * STEPS
+    patched = model.clone()
+    patched.set_model_attn1_output_patch(lambda h, extra_options: h * 1.0)  # another node's patch
+    with UNetCalls(model) as calls:
+        run_inversion(patched, reference_latent(), positive)
+        run_inversion(patched.clone(), reference_latent(), positive)  # a clone shares the patch: cached
+    assert len(calls.rows) == STEPS
 
 
 def test_inversion_shows_progress_and_stops_on_interrupt(sd15):
