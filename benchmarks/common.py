@@ -6,8 +6,10 @@ pass/fail thresholds: speed goals are read, not asserted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -106,3 +108,18 @@ def print_table(title: str, rows: list[dict]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))  # noqa: T201
     for row in rows:
         print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))  # noqa: T201
+
+
+@contextlib.contextmanager
+def random_full_size_sd15():
+    """A random full-size SD1.5 UNet (ModelPatcher) written to a temp file (~1.7 GB) and loaded
+    through the real CheckpointLoaderSimple, so benchmarks see the real block structure."""
+    import folder_paths
+    import nodes as comfy_nodes
+
+    from qkv_control.tiny.full_size import write_random_sd15_checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_sd15_checkpoint(Path(folder) / "random-sd15.safetensors")
+        folder_paths.add_model_folder_path("checkpoints", folder, is_default=True)
+        yield comfy_nodes.CheckpointLoaderSimple().load_checkpoint("random-sd15.safetensors")[0]

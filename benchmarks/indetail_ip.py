@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import bootstrap, measure, memory_columns, print_table
+from common import bootstrap, measure, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -129,18 +129,7 @@ def main():
     table = _table(f"tiny sd15 ({opts.size}x{opts.size} latent)", tiny_checkpoint("sd15")[0], TEXT_WIDTH,
                    POOLED_WIDTH, opts.size, opts.steps, opts.repeats)
     if opts.full_size:
-        import tempfile
-        from pathlib import Path
-
-        import folder_paths
-        import nodes as comfy_nodes
-
-        from qkv_control.tiny.full_size import write_random_sd15_checkpoint
-
-        with tempfile.TemporaryDirectory() as folder:
-            write_random_sd15_checkpoint(Path(folder) / "random-sd15.safetensors")
-            folder_paths.add_model_folder_path("checkpoints", folder, is_default=True)
-            model = comfy_nodes.CheckpointLoaderSimple().load_checkpoint("random-sd15.safetensors")[0]
+        with random_full_size_sd15() as model:
             table += _table(f"random full-size sd15 ({opts.size}x{opts.size} latent)", model, 768, 1280,
                             opts.size, 2, 1)
     print_table("InDetail-IP: rows per step, time and memory against plain sampling", table)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import bootstrap, measure, print_table
+from common import bootstrap, measure, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -88,18 +88,7 @@ def main():
 
     table = _rows("tiny sd15 (16x16 latent)", tiny_checkpoint("sd15")[0], TEXT_WIDTH, 16, 8, opts.repeats)
     if opts.full_size:
-        import tempfile
-        from pathlib import Path
-
-        import folder_paths
-        import nodes as comfy_nodes
-
-        from qkv_control.tiny.full_size import write_random_sd15_checkpoint
-
-        with tempfile.TemporaryDirectory() as folder:
-            write_random_sd15_checkpoint(Path(folder) / "random-sd15.safetensors")
-            folder_paths.add_model_folder_path("checkpoints", folder, is_default=True)
-            model = comfy_nodes.CheckpointLoaderSimple().load_checkpoint("random-sd15.safetensors")[0]
+        with random_full_size_sd15() as model:
             table += _rows(f"random full-size sd15 ({opts.size}x{opts.size} latent)", model, 768, opts.size, 2,
                            max(1, opts.repeats - 2))
     print_table("IP-Adapter family cost (patched / plain, cfg 5)", table)

@@ -13,7 +13,7 @@ import argparse
 
 import time
 
-from common import PeakMemory, bootstrap, memory_columns, print_table
+from common import PeakMemory, bootstrap, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -131,18 +131,7 @@ def main():
     table = _rows(f"tiny sd15 ({opts.size}x{opts.size} latent)", tiny_checkpoint("sd15")[0], TEXT_WIDTH,
                   opts.size, 8, opts.repeats)
     if opts.full_size:
-        import tempfile
-        from pathlib import Path
-
-        import folder_paths
-        import nodes as comfy_nodes
-
-        from qkv_control.tiny.full_size import write_random_sd15_checkpoint
-
-        with tempfile.TemporaryDirectory() as folder:
-            write_random_sd15_checkpoint(Path(folder) / "random-sd15.safetensors")
-            folder_paths.add_model_folder_path("checkpoints", folder, is_default=True)
-            model = comfy_nodes.CheckpointLoaderSimple().load_checkpoint("random-sd15.safetensors")[0]
+        with random_full_size_sd15() as model:
             steps = 8 if torch.cuda.is_available() else 2
             table += _rows(f"random full-size sd15 ({opts.size}x{opts.size} latent)", model, 768, opts.size, steps,
                            max(1, opts.repeats - 2))
