@@ -131,7 +131,7 @@ def main():
     if opts.full_size:
         with random_full_size_sd15() as model:
             table += _table(f"random full-size sd15 ({opts.size}x{opts.size} latent)", model, 768, 1280,
-                            opts.size, 2, 1)
+                            opts.size, 2, opts.repeats)
     print_table("InDetail-IP: rows per step, time and memory against plain sampling", table)
 
 
