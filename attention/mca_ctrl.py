@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -302,22 +301,6 @@ def top_fraction_mask(token_map: torch.Tensor, fraction: float = 0.3) -> torch.T
     return torch.zeros_like(token_map).scatter_(-1, index, 1.0)
 
 
-def word_attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, token_indices: list[int]) -> torch.Tensor:
-    """Cross-attention probability of image tokens for the given text tokens, averaged over
-    heads and summed over the tokens: [B, Nq]. Only an Nq x T map (T = text tokens) is
-    built, never an image-token square."""
-    b, nq, inner = q.shape
-    d = inner // heads
-    qh = q.view(b, nq, heads, d).transpose(1, 2)
-    kh = k.view(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
-    probs = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return probs[..., token_indices].sum(-1).mean(1)
-
-
-def normalize_map(token_map: torch.Tensor, eps: Optional[float] = 1e-8) -> torch.Tensor:
-    lo = token_map.amin(-1, keepdim=True)
-    hi = token_map.amax(-1, keepdim=True)
-    return (token_map - lo) / (hi - lo + eps)
 
 
 # ---------------------------------------------------------------------------

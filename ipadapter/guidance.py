@@ -13,7 +13,7 @@ from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_CONDITION
 from ..patching.control import AttentionCall, AttentionControl, ExtraRow, ModelCall
 from .control import in_window
-from .tokens import expand_positions
+from ..patching.prompt_tokens import expand_positions
 
 
 class ConditionGuidanceControl(AttentionControl):

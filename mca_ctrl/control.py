@@ -22,12 +22,14 @@ from typing import Optional
 import torch
 
 from ..attention import mca_ctrl as mca
+from ..attention.cross_attention import word_attention_map
 from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
 from ..inversion.result import InversionResult
 from ..inversion.stream import InvertedStream
-from ..patching.image_prompt_policy import BOTH, get_policy
 from ..patching.control import AttentionControl
+from ..patching.image_prompt_policy import BOTH, get_policy
+from ..patching.prompt_tokens import expand_positions
 from .streams import GeneratedStream
 
 logger = logging.getLogger("qkv_control")
@@ -260,13 +262,11 @@ class MCACtrl(AttentionControl):
         of the condition stream at 16x16, summed over that level's layers of a step. Until a
         step has seen all of them, the previous step's complete mask stays in use."""
         heads = call.heads
-        t0 = self.generated.context.shape[1]
-        copies = max(k.shape[1] // t0, 1)
-        tokens = [i + j * t0 for j in range(copies) for i in self.subject_tokens if i < t0]
+        tokens = expand_positions(self.subject_tokens, self.generated.context.shape[1], k.shape[1])
         if not tokens:
             return
         rows = torch.tensor(condition_rows, device=q.device)
-        word_map = mca.word_attention_map(q.index_select(0, rows), k.index_select(0, rows), heads, tokens)
+        word_map = word_attention_map(q.index_select(0, rows), k.index_select(0, rows), heads, tokens)
         latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
         grid = mca.token_grid(latent_hw, q.shape[1])
         step = call.run.step_index(call.sigma_value)
@@ -279,7 +279,7 @@ class MCACtrl(AttentionControl):
             st["auto"] = auto
         complete = auto["count"] >= len(st["auto_layers"])
         if complete or st["auto_region"] is None or st["auto_region"][0] != grid:
-            region = mca.top_fraction_mask(mca.normalize_map(auto["sum"]), self.auto_mask_fraction)
+            region = mca.top_fraction_mask(auto["sum"], self.auto_mask_fraction)  # rank-based: no normalisation needed
             st["auto_region"] = (grid, region.cpu())
             st["auto_version"] += 1
 

@@ -17,7 +17,7 @@ from ..ipadapter.files import load_file
 from ..ipadapter.guidance import AttentionMapCapture, ConditionGuidanceControl, MaskGuidanceControl
 from ..ipadapter.model import IPAdapterModel
 from ..ipadapter.routing import AUTO, layer_names, routing_specs
-from ..ipadapter.tokens import prompt_token_count, word_token_positions
+from ..patching.prompt_tokens import prompt_token_count, word_token_positions
 from ..attention.cross_attention import KV_SHARE_MODES
 from ..attention.layers import resolve_weight_spec, select_layers
 from ..patching.layers import discover_layers

@@ -9,7 +9,7 @@ from ..attention.layers import select_layers
 from ..indetail_ip.compat import check_inversion
 from ..inversion.result import INVERSION_TYPE
 from ..mca_ctrl.control import MCACtrl
-from ..mca_ctrl.tokens import word_token_indices
+from ..patching.prompt_tokens import word_token_positions
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
 
@@ -177,7 +177,7 @@ class QKVMCACtrlGenerate(io.ComfyNode):
         _check_layers(GENERATE_NAME, model, salq_layers, sagi_layers)
         subject_tokens = None
         if target_mask is None:
-            subject_tokens = word_token_indices(clip, condition_prompt, subject_word, GENERATE_NAME)
+            subject_tokens = word_token_positions(clip, condition_prompt, subject_word, GENERATE_NAME)
         tokens = clip.tokenize(condition_prompt)
         context = clip.encode_from_tokens(tokens)
         if context.shape[-1] != subject.context_dim:

@@ -19,7 +19,7 @@ from qkv_control.ipadapter.control import IPAdapterControl, Reference
 from qkv_control.ipadapter.files import load_file
 from qkv_control.ipadapter.model import IPAdapterModel
 from qkv_control.ipadapter.routing import deadiff_semantic_spec, routing_specs
-from qkv_control.ipadapter.tokens import word_token_positions
+from qkv_control.patching.prompt_tokens import word_token_positions
 from qkv_control.nodes import ip_adapter_nodes as nodes
 from qkv_control.patching import keys
 from qkv_control.patching.control import AttentionCall

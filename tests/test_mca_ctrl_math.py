@@ -169,13 +169,3 @@ def test_top_fraction_mask():
     top = mca.top_fraction_mask(m, 0.3)
     assert top.tolist() == [[0] * 7 + [1] * 3]
 
-
-def test_word_attention_map_matches_softmax():
-    q, _, _ = _qkv(1, 6, seed=1)
-    k, _, _ = _qkv(1, 5, seed=2)
-    out = mca.word_attention_map(q, k, HEADS, [1, 3])
-    d = 8
-    qh = q.view(1, 6, 2, d).transpose(1, 2)
-    kh = k.view(1, 5, 2, d).transpose(1, 2)
-    p = torch.softmax(qh @ kh.transpose(-1, -2) / d ** 0.5, -1)
-    torch.testing.assert_close(out, p[..., [1, 3]].sum(-1).mean(1))

@@ -61,7 +61,7 @@ def test_validation_messages(kit):
     with pytest.raises(ValueError, match="MCA-Ctrl Subject Replace / Add: salq_layers: block spec"):
         QKVMCACtrlReplace.execute(kit["model"], kit["subject"], kit["mask"], kit["scene"], kit["mask"],
                                   target_dilation=1, **dict(SCHEDULE, salq_layers="output:99"))
-    with pytest.raises(ValueError, match="subject word 'cat' in the condition prompt"):
+    with pytest.raises(ValueError, match="expected the word 'cat' in the prompt"):
         QKVMCACtrlGenerate.execute(kit["model"], kit["clip"], kit["subject"], kit["mask"], "a dog", "cat", 0.3, 1.0,
                                    **SCHEDULE)
     with pytest.raises(ValueError, match="subject mask with the subject image's aspect ratio"):

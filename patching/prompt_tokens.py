@@ -1,4 +1,7 @@
-"""Token positions of chosen words in a prompt, read from the CLIP tokenizer itself."""
+"""Token positions of chosen words in a prompt, read from the CLIP tokenizer itself.
+
+Shared by every control that looks at a word's cross-attention (mask guidance, attention
+maps, MCA-Ctrl's automatic target mask)."""
 
 from __future__ import annotations
 
