@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+test:
+	@bash scripts/setup.sh --test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

@@ -7,6 +7,7 @@
 #   - Python: a venv in .runtime/venv with a torch/torchvision pair that imports
 #     on CPU-only machines, ComfyUI's requirements and this pack's.
 #   - The pack is linked into ComfyUI's custom_nodes/.
+#   - With --test-tools (make test): Debian's chromium and playwright-core for the browser test.
 # A stamp file records what was installed, so a second run installs nothing.
 set -euo pipefail
 
@@ -103,7 +104,8 @@ log "ready: ComfyUI $COMFY, python $VENV/bin/python"
 mkdir -p "$RUNTIME/import"
 ln -sfn "$ROOT" "$RUNTIME/import/qkv_control"
 
-# --- browser test tools ---------------------------------------------------------
+# --- browser test tools (only for `make test`: scripts/setup.sh --test-tools) ---------------
+[[ "${1:-}" == "--test-tools" ]] || exit 0
 # tests/test_browser.py drives Debian's chromium through playwright-core (npm, pinned in
 # tests/browser/package-lock.json, installed into $RUNTIME/node). Missing tools are reported
 # here, not fatal: the browser test then skips on a user's machine and fails in CI.
