@@ -47,7 +47,7 @@ def _missing_tools() -> list[str]:
     if shutil.which("node") is None:
         missing.append("node (Node.js >= 20)")
     if not (_node_modules() / "playwright-core").is_dir():
-        missing.append(f"{_node_modules() / 'playwright-core'} (scripts/setup.sh installs it with npm)")
+        missing.append(f"{_node_modules() / 'playwright-core'} (make test runs scripts/setup.sh --test-tools, which installs it with npm)")
     return missing
 
 
@@ -80,7 +80,7 @@ def frontend(request, tmp_path_factory):
     if missing:
         message = "browser test tools missing: " + "; ".join(missing)
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(message + " (CI: scripts/setup.sh must install them)")
+            pytest.fail(message + " (CI: make test runs scripts/setup.sh --test-tools, which must install them)")
         pytest.skip(message)
     # Only now the server: a skip costs no server start.
     comfy_server = request.getfixturevalue("comfy_server")
