@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
 
     say("")
-    say(f"{'workflow':<32} {'mode':<5} {'seconds':>8} {'images':>6}")
+    width = max([len("workflow")] + [len(run.workflow.stem) for run in runs])
+    say(f"{'workflow':<{width}} {'mode':<5} {'seconds':>8} {'images':>6}")
     for run in runs:
-        say(f"{run.workflow.stem:<32} {run.mode:<5} {run.seconds:>8.1f} {len(run.images):>6}")
+        say(f"{run.workflow.stem:<{width}} {run.mode:<5} {run.seconds:>8.1f} {len(run.images):>6}")
     say(f"images in {out_root}/<workflow>/")
     failed = [r for r in runs if r.error or not r.images]
     for run in failed:
