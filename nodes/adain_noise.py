@@ -12,7 +12,7 @@ from ..inversion.ddim import adain, vp_scale
 from ..inversion.result import INVERSION_TYPE, InversionResult
 
 Inversion = io.Custom(INVERSION_TYPE)
-NAME = "AdaIN Noise"
+NAME = "QKV AdaIN Noise"
 
 
 class AdaINNoise:

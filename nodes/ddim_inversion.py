@@ -10,7 +10,7 @@ from ..inversion.invert import invert
 from ..inversion.result import INVERSION_TYPE
 
 Inversion = io.Custom(INVERSION_TYPE)
-NAME = "DDIM Inversion"
+NAME = "QKV DDIM Inversion"
 
 
 class QKVDDIMInversion(io.ComfyNode):

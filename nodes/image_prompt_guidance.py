@@ -11,7 +11,7 @@ from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE, POSITIVE_ONLY, 
 from ..patching.patch import set_transformer_option
 
 Inversion = io.Custom(INVERSION_TYPE)
-NAME = "Image Prompt Guidance"
+NAME = "QKV Image Prompt Guidance"
 POLICIES = [POSITIVE_ONLY, BOTH, NEGATIVE_IMAGE]
 
 

@@ -25,7 +25,7 @@ register_model_folders()
 
 
 class QKVGroundingDinoLoader(io.ComfyNode):
-    DISPLAY_NAME = "Load Grounding DINO (QKV)"
+    DISPLAY_NAME = "QKV Load Grounding DINO"
 
     @classmethod
     def define_schema(cls):
@@ -56,7 +56,7 @@ class QKVGroundingDinoLoader(io.ComfyNode):
 
 
 class QKVSamLoader(io.ComfyNode):
-    DISPLAY_NAME = "Load SAM (QKV)"
+    DISPLAY_NAME = "QKV Load SAM"
 
     @classmethod
     def define_schema(cls):
@@ -86,7 +86,7 @@ class QKVSamLoader(io.ComfyNode):
 
 
 class QKVTextSegment(io.ComfyNode):
-    DISPLAY_NAME = "Text to Mask (Grounding DINO + SAM, QKV)"
+    DISPLAY_NAME = "QKV Text to Mask (Grounding DINO and SAM)"
 
     @classmethod
     def define_schema(cls):

@@ -15,8 +15,8 @@ from ..patching.patch import add_control
 
 Inversion = io.Custom(INVERSION_TYPE)
 CATEGORY = "QKV Control/MCA-Ctrl"
-REPLACE_NAME = "MCA-Ctrl Subject Replace / Add"
-GENERATE_NAME = "MCA-Ctrl Subject Generation"
+REPLACE_NAME = "QKV MCA-Ctrl Subject Replace / Add"
+GENERATE_NAME = "QKV MCA-Ctrl Subject Generation"
 
 
 def _schedule_inputs() -> list:

@@ -14,7 +14,7 @@ class QKVTinyControlNetLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVTinyControlNetLoader",
-            display_name="Tiny ControlNet (test)",
+            display_name="QKV Tiny ControlNet (test)",
             category="QKV Control/testing",
             description="Builds a tiny random-weight ControlNet for the tiny checkpoint of the same family, "
                         "with ComfyUI's own ControlNet classes. For tests and the demo without model files.",

@@ -17,7 +17,7 @@ class QKVTinyCheckpointLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVTinyCheckpointLoader",
-            display_name="Tiny Checkpoint (test)",
+            display_name="QKV Tiny Checkpoint (test)",
             category="QKV Control/testing",
             description="Builds a tiny random-weight SD1.5- or SDXL-shaped checkpoint with ComfyUI's own "
                         "model classes. For tests and the demo without model files; images are noise-like.",
@@ -45,7 +45,7 @@ class QKVTinyCLIPVisionLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVTinyCLIPVisionLoader",
-            display_name="Tiny CLIP Vision (test)",
+            display_name="QKV Tiny CLIP Vision (test)",
             category="QKV Control/testing",
             description="Builds a tiny random-weight CLIP vision model (ViT, width 64) for tests and the demo.",
             inputs=[

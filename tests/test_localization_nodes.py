@@ -108,15 +108,15 @@ def test_segment_node_checks_for_interrupt(loaded):
 
 
 def test_wrong_file_in_loader_is_a_value_error_naming_the_node(model_folders):
-    with pytest.raises(ValueError, match=r"^Load SAM \(QKV\): expected a Segment Anything .*wrong or truncated"):
+    with pytest.raises(ValueError, match=r"^QKV Load SAM: expected a Segment Anything .*wrong or truncated"):
         QKVSamLoader.execute("not_a_model.pth")
-    with pytest.raises(ValueError, match=r"^Load Grounding DINO \(QKV\): expected a Grounding DINO checkpoint .* "
+    with pytest.raises(ValueError, match=r"^QKV Load Grounding DINO: expected a Grounding DINO checkpoint .* "
                                          r"got a SAM checkpoint"):
         QKVGroundingDinoLoader.execute("sam_in_wrong_folder.pth")
 
 
 def test_empty_prompt_is_refused_before_running():
-    assert QKVTextSegment.validate_inputs(prompt=" . ").startswith("Text to Mask")
+    assert QKVTextSegment.validate_inputs(prompt=" . ").startswith("QKV Text to Mask")
     assert QKVTextSegment.validate_inputs(prompt="dog") is True
 
 
