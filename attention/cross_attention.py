@@ -9,7 +9,7 @@ in a running model it is the rest of the attention chain, in tests plain SDPA.
 - joint_attention: DEADiff (Qi et al. 2024, Fig. 2b, eq. 1-3), one softmax over the
   concatenated text and image keys/values.
 - share_kv: e-commerce condition guidance (Li 2024, §3.2.1), a row's keys/values
-  replaced by, or concatenated with, those of the preset-condition row.
+  replaced by, or concatenated with, those of the preset condition.
 - word_attention_map / mask_guidance: e-commerce mask guidance (§3.2.2).
 """
 
@@ -85,11 +85,16 @@ def repeat_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
     return x.repeat(1, tokens // n, 1)
 
 
-def share_kv(k: torch.Tensor, v: torch.Tensor, target_rows: Sequence[int], source_row: int,
-             mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def share_kv(k: torch.Tensor, v: torch.Tensor, target_rows: Sequence[int],
+             source: int | tuple[torch.Tensor, torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """E-commerce condition guidance (Li 2024, §3.2.1): the keys/values of
-    ``target_rows`` (the user-prompt rows) taken from ``source_row`` (the preset
-    condition row).
+    ``target_rows`` (the user-prompt rows) taken from the preset condition's.
+
+    ``source`` is a batch row (the preset condition as a row) or ``(k_src, v_src)``
+    (``[1, T, inner]``, the preset condition's keys/values projected directly). When
+    ``T`` differs from the batch's token count, both are repeated to their least common
+    multiple, exactly as a preset row batched with the others would be (ComfyUI's
+    ``cond_cat``; attention over a sequence repeated r times equals attention over it once).
 
     replace: ``K_target = K_source``, ``V_target = V_source``.
     concat:  ``K_target = [K_source; K_target]`` (one softmax over both, source first
@@ -99,8 +104,15 @@ def share_kv(k: torch.Tensor, v: torch.Tensor, target_rows: Sequence[int], sourc
     """
     if mode not in KV_SHARE_MODES:
         raise ValueError(f"share_kv: expected mode one of {KV_SHARE_MODES}, got '{mode}'")
+    if isinstance(source, int):
+        k_src, v_src = k[source:source + 1].clone(), v[source:source + 1].clone()
+    else:
+        k_src, v_src = (t.to(device=k.device, dtype=k.dtype) for t in source)
+        if k_src.shape[1] != k.shape[1]:
+            tokens = math.lcm(k.shape[1], k_src.shape[1])
+            k, v = repeat_tokens(k, tokens), repeat_tokens(v, tokens)
+            k_src, v_src = repeat_tokens(k_src, tokens), repeat_tokens(v_src, tokens)
     targets = torch.as_tensor(list(target_rows), dtype=torch.long, device=k.device)
-    k_src, v_src = k[source_row:source_row + 1].clone(), v[source_row:source_row + 1].clone()
     if mode == "replace":
         k, v = k.clone(), v.clone()
         k[targets] = k_src.expand(len(targets), -1, -1)

@@ -2,7 +2,8 @@
 
 ip decoupled / joint:  image tokens in every cross-attention layer (policy positive only, and both)
 mask guidance:         word map + value scaling in the '-level:0' cross-attention layers
-condition guidance:    one extra row per step (3 rows against plain's 2: ~1.5x expected)
+condition guidance:    preset K/V projected once per layer per run, shared in every cross-attention layer
+                       (concat: one attention call over twice the text tokens); no extra row (2 rows)
 Prints time per step and ratios (patched / plain); never pass/fail.
 """
 
@@ -48,7 +49,7 @@ def _cases(model, context_dim, tokens_count):
         "ip decoupled (both branches)": add_control(both, IPAdapterControl(layer_kv, (Reference("image", tokens, 1.0),))),
         "ip joint (positive only)": ip("joint"),
         "mask guidance (-level:0)": add_control(model, MaskGuidanceControl([5, 6], 77, 0.5, 0.5, "-level:0")),
-        "condition guidance concat (+1 row)": add_control(model, ConditionGuidanceControl(preset, {}, "concat")),
+        "condition guidance concat (no extra row)": add_control(model, ConditionGuidanceControl(preset, "concat")),
     }
 
 

@@ -22,8 +22,9 @@ from ..patching.image_prompt_policy import BOTH, POSITIVE_ONLY, get_policy
 from .model import ImageTokens
 
 MODES = ("decoupled", "joint")
-# Rows that see the image prompt: the sampler's branches and the e-commerce
-# condition row (its paper batches the image features with both text prompts).
+# Rows that see the image prompt: the sampler's branches and a control's condition
+# row (ROLE_CONDITION, e.g. MCA-Ctrl's condition stream). E-commerce condition guidance
+# adds no row: it projects the preset text's K/V directly (ipadapter.guidance).
 _IMAGE_ROLES = (ROLE_COND, ROLE_UNCOND, ROLE_CONDITION)
 
 

@@ -10,27 +10,32 @@ import torch.nn.functional as F
 
 from ..attention.cross_attention import mask_guidance, share_kv, word_attention_map
 from ..attention.layers import select_layers
-from ..attention.rows import ROLE_COND, ROLE_CONDITION
-from ..patching.control import AttentionCall, AttentionControl, ExtraRow, ModelCall
+from ..attention.rows import ROLE_COND
+from ..patching.control import AttentionCall, AttentionControl
+from ..patching.layers import attention_modules
 from .control import in_window
 from ..patching.prompt_tokens import expand_positions
 
 
 class ConditionGuidanceControl(AttentionControl):
-    """Condition guidance (§3.2.1): one extra row carries the preset text condition (and,
-    with an IP-Adapter on the model, the image tokens); in the chosen cross-attention
-    layers the user-prompt rows take that row's K/V (replace) or attend to both (concat).
+    """Condition guidance (Li 2024, §3.2.1): in the chosen cross-attention layers the
+    user-prompt rows take the preset text condition's K/V (replace) or attend to both
+    theirs and its (concat).
 
-    The shared image K/V equal the prompt row's own (the same image features are batched
-    with both texts, as in the paper), so sharing the text K/V shares both."""
+    The paper batches the preset condition with the prompt and shares that row's K/V.
+    Cross-attention K/V depend on the context only (``K = to_k(context)``,
+    ``V = to_v(context)``), so they are projected here from the preset context with the
+    layer's own ``to_k``/``to_v`` instead of running the preset as an extra UNet row:
+    the same K/V at no row's cost. The paper's image K/V are the same in both batch rows (the same image
+    features), so sharing the text K/V shares both; an IP-Adapter on the model adds the
+    image term to the prompt rows as usual."""
 
     kind = "attn2"
 
-    def __init__(self, context: torch.Tensor, conds: dict, mode: str = "concat", layers: str = "all",
+    def __init__(self, context: torch.Tensor, mode: str = "concat", layers: str = "all",
                  sigma_start: float = math.inf, sigma_end: float = 0.0):
         super().__init__()
         self.context = context
-        self.conds = conds
         self.mode = mode
         self.layers = layers
         self.sigma_start = sigma_start
@@ -42,21 +47,42 @@ class ConditionGuidanceControl(AttentionControl):
     def _active(self, sigma: float) -> bool:
         return in_window(sigma, self.sigma_start, self.sigma_end)
 
-    def extra_rows(self, call: ModelCall) -> list[ExtraRow]:
-        # Cross-attention K/V depend on the context only, so the row's latent is irrelevant
-        # to what is shared; it copies a prompt row's. Only calls with prompt rows need it.
-        cond_rows = call.layout.indices(ROLE_COND)
-        if not cond_rows or not self._active(call.sigma_value):
-            return []
-        r = cond_rows[0]
-        return [ExtraRow(ROLE_CONDITION, x=call.x[r:r + 1], context=self.context, conds=dict(self.conds))]
+    def start_run(self, run) -> None:
+        state = run.state(self)
+        modules = attention_modules(run.model_patcher, self.select_layers(run.layers))
+        state["modules"] = {key: module for (_, key), module in modules.items()}
+        state["kv"] = {}
+
+    def end_run(self, run) -> None:
+        state = run.state(self)
+        state.pop("modules", None)
+        state.pop("kv", None)
+
+    def _preset_kv(self, call: AttentionCall, like: torch.Tensor):
+        """This layer's preset K/V (``[1, T, inner]``), projected once per layer for the run.
+
+        ``to_k``/``to_v`` are the modules ComfyUI runs: with weight patches on the model
+        (LoRA) they compute with the patched weights, as in the UNet's own forward (ComfyUI
+        patches weights in place when it loads the model, or casts them with the patches
+        applied in low-VRAM mode); weights that hook keyframes change within a run are
+        read once, at the first step of the window. The context is cast to the layer's compute dtype, as
+        ComfyUI casts ``c_crossattn`` before the UNet. An ``attn2_patch`` of another pack
+        (one that rewrites the context before ``attn2``) does not see the preset."""
+        state = call.run.state(self)
+        entry = (call.layer.key, like.device, like.dtype)
+        cache = state["kv"]
+        if entry not in cache:
+            attn = state["modules"][call.layer.key]
+            context = self.context.to(device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                cache[entry] = (attn.to_k(context), attn.to_v(context))
+        return cache[entry]
 
     def attend(self, call: AttentionCall, q, k, v, attend_next):
-        sources = call.rows(ROLE_CONDITION, self.name)
         targets = call.rows(ROLE_COND)
-        if not sources or not targets:
+        if not targets or not self._active(call.sigma_value):
             return attend_next(q, k, v)
-        k, v = share_kv(k, v, targets, sources[0], self.mode)
+        k, v = share_kv(k, v, targets, self._preset_kv(call, q), self.mode)
         return attend_next(q, k, v)
 
 

@@ -221,9 +221,10 @@ class QKVConditionGuidance(io.ComfyNode):
             node_id="QKVConditionGuidance",
             display_name="QKV Condition Guidance (e-commerce)",
             category=CATEGORY,
-            description="E-commerce condition guidance: an extra batch row carries a preset text condition; "
-                        "in the chosen cross-attention layers the prompt rows take its keys/values (replace) "
-                        "or attend to both (concat), so a wild prompt cannot break the style.",
+            description="E-commerce condition guidance: in the chosen cross-attention layers the prompt rows "
+                        "take the keys/values of a preset text condition (replace) or attend to both theirs and "
+                        "its (concat), so a wild prompt cannot break the style. The preset's keys/values are "
+                        "projected directly in each layer: no extra batch row.",
             inputs=[
                 io.Model.Input("model", tooltip="The model (usually after QKV IP-Adapter Apply)."),
                 io.Conditioning.Input("preset", tooltip="The preset text condition (e.g. a style description of "
@@ -249,7 +250,7 @@ class QKVConditionGuidance(io.ComfyNode):
             raise ValueError(f"{node}: expected a preset condition of width {_context_dim(model)} (the model's "
                              f"context), got {context.shape[-1]}")
         sigma_start, sigma_end = _sigma_window(model, start_at, end_at)
-        control = ConditionGuidanceControl(context, {}, mode, layers, sigma_start, sigma_end)
+        control = ConditionGuidanceControl(context, mode, layers, sigma_start, sigma_end)
         return io.NodeOutput(add_control(model, control))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import Iterator
 
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
@@ -25,17 +26,13 @@ def _diffusion_model(model):
     return model
 
 
-def discover_layers(model) -> tuple[AttentionLayer, ...]:
-    """Every attn1/attn2 of the UNet in forward order, with block keys and resolution levels."""
-    unet = _diffusion_model(model)
-    cached = _cache.get(unet)
-    if cached is not None:
-        return cached
-    layers: list[AttentionLayer] = []
+def _walk(unet) -> Iterator[tuple[AttentionLayer, object]]:
+    """Every attn1/attn2 of the UNet in forward order: (descriptor, its CrossAttention module).
+    input_blocks / middle_block / output_blocks -> SpatialTransformer -> transformer_blocks[i]."""
     ordinals = {"attn1": 0, "attn2": 0}
     level = 0
 
-    def visit(section: str, number: int, block) -> None:
+    def visit(section: str, number: int, block):
         nonlocal level
         for module in block:
             if isinstance(module, SpatialTransformer):
@@ -44,8 +41,8 @@ def discover_layers(model) -> tuple[AttentionLayer, ...]:
                         attn = getattr(tb, kind, None)
                         if attn is None:
                             continue
-                        layers.append(AttentionLayer(kind, (section, number), index, ordinals[kind], level,
-                                                     attn.heads, attn.dim_head))
+                        yield AttentionLayer(kind, (section, number), index, ordinals[kind], level,
+                                             attn.heads, attn.dim_head), attn
                         ordinals[kind] += 1
             elif isinstance(module, Downsample):
                 level += 1
@@ -53,10 +50,37 @@ def discover_layers(model) -> tuple[AttentionLayer, ...]:
                 level -= 1
 
     for number, block in enumerate(unet.input_blocks):
-        visit("input", number, block)
-    visit("middle", 0, unet.middle_block)
+        yield from visit("input", number, block)
+    yield from visit("middle", 0, unet.middle_block)
     for number, block in enumerate(unet.output_blocks):
-        visit("output", number, block)
-    result = tuple(layers)
+        yield from visit("output", number, block)
+
+
+def discover_layers(model) -> tuple[AttentionLayer, ...]:
+    """Every attn1/attn2 of the UNet in forward order, with block keys and resolution levels."""
+    unet = _diffusion_model(model)
+    cached = _cache.get(unet)
+    if cached is not None:
+        return cached
+    result = tuple(layer for layer, _ in _walk(unet))
     _cache[unet] = result
     return result
+
+
+def attention_modules(model, layers) -> dict[tuple[str, tuple], object]:
+    """The CrossAttention modules (``attn1``/``attn2`` of a transformer block) of discovered
+    ``layers`` in ``model`` (ModelPatcher, BaseModel or UNet), by ``(kind, key)``: the
+    modules ComfyUI runs, so a weight patch on the model (LoRA) applies to them too."""
+    wanted = {(layer.kind, layer.key) for layer in layers}
+    found = {(layer.kind, layer.key): module for layer, module in _walk(_diffusion_model(model))
+             if (layer.kind, layer.key) in wanted}
+    missing = wanted - found.keys()
+    if missing:
+        raise ValueError(f"expected attention layers {sorted(missing)} in the model, got none there "
+                         "(layers discovered from another model?)")
+    return found
+
+
+def attention_module(model, layer: AttentionLayer):
+    """The CrossAttention module of one discovered ``layer`` in ``model``."""
+    return attention_modules(model, (layer,))[(layer.kind, layer.key)]

@@ -13,18 +13,21 @@ import torch
 import comfy.ldm.modules.attention as comfy_attention
 
 from helpers import encode, sample
-from qkv_control.attention.rows import ROLE_COND, ROLE_UNCOND, Row, RowLayout
+from qkv_control.attention.cross_attention import share_kv
+from qkv_control.attention.layers import select_layers
+from qkv_control.attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_UNCOND, Row, RowLayout
 from qkv_control.attention.sdpa import bind_heads, plain_attention
-from qkv_control.ipadapter.control import IPAdapterControl, Reference
+from qkv_control.ipadapter.control import IPAdapterControl, Reference, in_window
+from qkv_control.ipadapter.guidance import ConditionGuidanceControl
 from qkv_control.ipadapter.files import load_file
 from qkv_control.ipadapter.model import IPAdapterModel
 from qkv_control.ipadapter.routing import deadiff_semantic_spec, routing_specs
 from qkv_control.patching.prompt_tokens import word_token_positions
 from qkv_control.nodes import ip_adapter_nodes as nodes
 from qkv_control.patching import keys
-from qkv_control.patching.control import AttentionCall
+from qkv_control.patching.control import AttentionCall, AttentionControl, ExtraRow
 from qkv_control.patching.image_prompt_policy import ImagePromptPolicy
-from qkv_control.patching.layers import discover_layers
+from qkv_control.patching.layers import attention_module, discover_layers
 from qkv_control.patching.patch import add_control, set_transformer_option
 from qkv_control.patching.router import install_routes
 from qkv_control.patching.run_state import RunState
@@ -265,18 +268,136 @@ def test_style_content_node_routes_each_image_to_its_layers(adapter_dir, vision,
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("mode", ["replace", "concat"])
 def test_condition_guidance_with_the_prompt_as_preset_is_unpatched(family, mode):
-    """Sharing K/V from a row whose text equals the prompt changes nothing: the extra
-    row, its context and the K/V share are exact (replace: same K/V; concat: K/V twice)."""
+    """Sharing the K/V of a preset equal to the prompt changes nothing: the projected
+    preset K/V are the prompt's own (replace: same K/V; concat: K/V twice)."""
     model, clip, _ = tiny_checkpoint(family)
     pos, neg = encode(clip, PROMPT), encode(clip, "")
     base = sample(model, pos, neg, steps=2)
     (same,) = nodes.QKVConditionGuidance.execute(model, pos, mode, "all", 0.0, 1.0).args
-    # float32 rounding only (attention over 154 instead of 77 keys), relative to the
-    # latents' scale (~500 for the tiny random UNet after 2 steps)
+    # float32 rounding only (K/V projected outside the batch, attention over 154 instead
+    # of 77 keys), relative to the latents' scale (~500 for the tiny random UNet after 2 steps)
     torch.testing.assert_close(sample(same, pos, neg, steps=2), base, atol=1e-5 * float(base.abs().max()), rtol=0)
     preset = encode(clip, "studio product photo, soft light, pastel background, minimal")
     (other,) = nodes.QKVConditionGuidance.execute(model, preset, mode, "all", 0.0, 1.0).args
     assert not torch.allclose(sample(other, pos, neg, steps=2), base, atol=1e-3)
+
+
+class RowBasedConditionGuidance(AttentionControl):
+    """Reference: condition guidance as it was, with the preset condition as an extra batch
+    row whose K/V the prompt rows share (the paper's batch of two texts, §3.2.1)."""
+
+    kind = "attn2"
+
+    def __init__(self, context, mode, layers="all", sigma_start=float("inf"), sigma_end=0.0):
+        super().__init__()
+        self.context, self.mode, self.layers = context, mode, layers
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+
+    def select_layers(self, layers):
+        return select_layers(self.layers, layers, "attn2")
+
+    def extra_rows(self, call):
+        cond_rows = call.layout.indices(ROLE_COND)
+        if not cond_rows or not in_window(call.sigma_value, self.sigma_start, self.sigma_end):
+            return []
+        r = cond_rows[0]
+        return [ExtraRow(ROLE_CONDITION, x=call.x[r:r + 1], context=self.context)]
+
+    def attend(self, call, q, k, v, attend_next):
+        sources, targets = call.rows(ROLE_CONDITION, self.name), call.rows(ROLE_COND)
+        if not sources or not targets:
+            return attend_next(q, k, v)
+        k, v = share_kv(k, v, targets, sources[0], self.mode)
+        return attend_next(q, k, v)
+
+
+class RowCounter(AttentionControl):
+    """Records the batch rows of every UNet call (seen in its first cross-attention layer)."""
+
+    kind = "attn2"
+
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def select_layers(self, layers):
+        return tuple(layer for layer in layers if layer.kind == "attn2")[:1]
+
+    def attend(self, call, q, k, v, attend_next):
+        self.sink.append(q.shape[0])
+        return attend_next(q, k, v)
+
+
+PRESET = "studio product photo, soft light, pastel background, minimal"
+
+
+@pytest.mark.parametrize("mode", ["replace", "concat"])
+@pytest.mark.parametrize("family, variant", [("sd15", "plain"), ("sdxl", "plain"), ("sd15", "long_preset"),
+                                             ("sdxl", "window_layers"), ("sd15", "lora"), ("sdxl", "ipadapter")])
+def test_condition_guidance_equals_the_preset_row(family, variant, mode, adapter_dir, vision, images):
+    """The preset K/V projected in each layer give the sampled latent of the former
+    row-based form. Variants: a 154-token preset against a 77-token prompt (token counts
+    repeated to a common length), a sigma window and a layer subset, a weight patch
+    (LoRA-style) on the cross-attention projections, an IP-Adapter on the model."""
+    model, clip, adapter = setup(family, adapter_dir)
+    pos, neg = encode(clip, PROMPT), encode(clip, "")
+    text = ", ".join([PRESET] * 8) if variant == "long_preset" else PRESET
+    context = encode(clip, text)[0][0]
+    assert context.shape[1] == (154 if variant == "long_preset" else 77)
+    layers, window = "all", (float("inf"), 0.0)
+    if variant == "window_layers":  # the first of the 2 steps only (sigmas 14.6, then 0.03), output blocks
+        layers, window = "output", (float("inf"), 1.0)
+    if variant == "lora":
+        g = torch.Generator().manual_seed(5)
+        sd = model.model.state_dict()
+        patches = {key: ("diff", (0.5 * torch.randn(sd[key].shape, generator=g),)) for key in sd
+                   if ".attn2.to_k." in key or ".attn2.to_v." in key}
+        assert patches
+        model = model.clone()
+        model.add_patches(patches, 1.0)
+    if variant == "ipadapter":
+        model = apply(model, adapter, vision, images[0], 0.8)
+    new = sample(add_control(model, ConditionGuidanceControl(context, mode, layers, *window)), pos, neg, steps=2)
+    ref = sample(add_control(model, RowBasedConditionGuidance(context, mode, layers, *window)), pos, neg, steps=2)
+    # float32 rounding only, relative to the latents' scale
+    torch.testing.assert_close(new, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    if variant == "lora":  # the patch matters: the projections use the patched weights
+        unpatched = tiny_checkpoint(family)[0]
+        other = sample(add_control(unpatched, ConditionGuidanceControl(context, mode, layers, *window)), pos, neg,
+                       steps=2)
+        assert not torch.allclose(new, other, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_condition_guidance_adds_no_row(family):
+    """cfg > 1: 2 rows per UNet call (prompt and negative), as plain sampling; the
+    row-based form took 3."""
+    model, clip, _ = tiny_checkpoint(family)
+    pos, neg = encode(clip, PROMPT), encode(clip, "")
+    context = encode(clip, PRESET)[0][0]
+    counts = {}
+    for name, control in (("plain", None), ("guided", ConditionGuidanceControl(context, "concat")),
+                          ("row-based", RowBasedConditionGuidance(context, "concat"))):
+        sink = []
+        patched = model if control is None else add_control(model, control)
+        sample(add_control(patched, RowCounter(sink)), pos, neg, steps=2, cfg=5.0)
+        counts[name] = sink
+    assert counts["plain"] and set(counts["plain"]) == {2}
+    assert counts["guided"] == counts["plain"]
+    assert set(counts["row-based"]) == {3}
+
+
+def test_attention_module_is_the_layer_of_the_model():
+    model = tiny_checkpoint("sdxl")[0]
+    unet = model.model.diffusion_model
+    layers = discover_layers(model)
+    layer = next(layer for layer in layers if layer.kind == "attn2" and layer.block == ("output", 1))
+    module = attention_module(model, layer)
+    blocks = unet.output_blocks[1]
+    transformer = next(m for m in blocks if hasattr(m, "transformer_blocks"))
+    assert module is transformer.transformer_blocks[layer.transformer_index].attn2
+    assert attention_module(model.model, layers[0]) is attention_module(unet, layers[0])
+    assert all(attention_module(model, layer).heads == layer.heads for layer in layers)
 
 
 def test_word_positions_come_from_the_tokenizer():

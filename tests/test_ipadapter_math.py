@@ -106,6 +106,26 @@ def test_kv_share_replace_and_concat(family):
         share_kv(kt, vt, [1], 2, "swap")
 
 
+@pytest.mark.parametrize("family", SHAPES)
+@pytest.mark.parametrize("mode", ["replace", "concat"])
+@pytest.mark.parametrize("preset_tokens", [77, 154])
+def test_kv_share_from_projected_preset_equals_preset_row(family, mode, preset_tokens):
+    """The preset's K/V given directly equal a preset row batched with the others, its
+    context and theirs repeated to a common token count as ComfyUI's cond_cat does."""
+    heads, q, kt, vt, _, _ = tensors(family, batch=3)
+    g = torch.Generator().manual_seed(3)
+    k_pre = torch.randn(1, preset_tokens, kt.shape[-1], generator=g)
+    v_pre = torch.randn(1, preset_tokens, kt.shape[-1], generator=g)
+    attend = bind_heads(plain_attention, heads)
+    # rows: 0 = uncond, 1 = cond (user prompt), 2 = the preset row of the row-based form
+    tokens = math.lcm(kt.shape[1], preset_tokens)
+    k_rows = torch.cat([kt[:2].repeat(1, tokens // kt.shape[1], 1), k_pre.repeat(1, tokens // preset_tokens, 1)])
+    v_rows = torch.cat([vt[:2].repeat(1, tokens // vt.shape[1], 1), v_pre.repeat(1, tokens // preset_tokens, 1)])
+    expected = attend(q, *share_kv(k_rows, v_rows, [1], 2, mode))[:2]
+    out = attend(q[:2], *share_kv(kt[:2], vt[:2], [1], (k_pre, v_pre), mode))
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+
+
 def reference_mask_guidance(q, k, v, heads, tokens, threshold, strength):
     """Z_q = sum_k A_qk v_k (1 + strength * M_q [k in S]) with M the thresholded,
     max-normalised, head- and word-averaged map, written out explicitly."""
