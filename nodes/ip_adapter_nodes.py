@@ -161,7 +161,7 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVIPAdapterStyleContent",
-            display_name="QKV IP-Adapter Style + Content (DEADiff)",
+            display_name="QKV IP-Adapter Style and Content (DEADiff)",
             category=CATEGORY,
             description="DEADiff's disentangled conditioning with an IP-Adapter: the style image goes to the "
                         "fine, high-resolution cross-attention layers, the content (semantic) image to the "
@@ -194,7 +194,7 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter, clip_vision, style_image, style_weight, content_weight, mode, start_at,
                 end_at, style_layers, content_layers, content_image=None) -> io.NodeOutput:
-        node = "QKV IP-Adapter Style + Content"
+        node = "QKV IP-Adapter Style and Content"
         layers = discover_layers(model)
         style_spec, content_spec = routing_specs(layers, style_layers, content_layers)
         layer_kv = _layer_kv(model, ipadapter, node)
