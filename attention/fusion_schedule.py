@@ -28,16 +28,22 @@ CONTROLNET_SPEC = "stratified:0-0.5, concat:0.5-1"
 _ITEM = re.compile(r"^([a-z]+)\s*:\s*([0-9]*\.?[0-9]+)\s*-\s*([0-9]*\.?[0-9]+)$")
 
 
+def in_range(step: int, steps: int, start: float, end: float) -> bool:
+    """Whether step ``step`` (0-based) of a run of ``steps`` steps lies in the fraction range
+    ``start-end``: start <= step/steps < end, an end of 1 including the last step."""
+    fraction = step / max(int(steps), 1)
+    return start <= fraction < end or (end >= 1.0 and fraction >= 1.0)
+
+
 @dataclass(frozen=True)
 class FusionSchedule:
     segments: tuple[tuple[str, float, float], ...]
 
     def mode_at(self, step: int, steps: int) -> str:
         """The mode at step ``step`` (0-based) of a run of ``steps`` steps."""
-        fraction = step / max(int(steps), 1)
         mode = NONE
         for name, start, end in self.segments:
-            if start <= fraction < end or (end >= 1.0 and fraction >= 1.0):
+            if in_range(step, steps, start, end):
                 mode = name
         return mode
 

@@ -7,6 +7,11 @@ only positive rows see the reference; negative rows run their own plain attentio
 reference row is appended only to calls that hold positive rows. ``both`` gives the negative
 rows the same reference; ``negative_image`` gives them a second inverted stream.
 
+ControlNet: extra rows get no residuals (``patching.branch_rows``); with
+``negative_control_until`` > 0 the negative rows get none either during that first fraction of
+the steps (``rows_without_control``), as the official code does with ControlNet for the
+Stratified range.
+
 Where the reference K/V come from is a detail (design note 5): ``_reference_kv`` takes them
 from this call's reference rows and keeps them for the step, so a later call at the same
 sigma (cond and uncond in separate calls) reuses them instead of appending the row again.
@@ -55,17 +60,24 @@ class ReferenceAttentionControl(AttentionControl):
     kind = "attn1"
 
     def __init__(self, inversion: InversionResult, blocks: str = DEFAULT_BLOCKS,
-                 schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5):
+                 schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5,
+                 negative_control_until: float = 0.0):
         super().__init__()
         if weight_ref < 0 or weight_self < 0 or weight_ref + weight_self <= 0:
             raise ValueError(
                 f"InDetail-IP: expected λP >= 0, λG >= 0 and λP + λG > 0, got λP={weight_ref}, λG={weight_self}"
+            )
+        if not 0.0 <= negative_control_until <= 1.0:
+            raise ValueError(
+                f"InDetail-IP: expected negative_control_until in 0-1 (a fraction of the steps), "
+                f"got {negative_control_until}"
             )
         self.inversion = inversion
         self.blocks = blocks
         self.schedule = fs.parse_fusion_schedule(schedule)
         self.weight_ref = float(weight_ref)
         self.weight_self = float(weight_self)
+        self.negative_control_until = float(negative_control_until)
         self.stream = InvertedStream(inversion, ROLE_REFERENCE, label="InDetail-IP reference")
 
     # ------------------------------------------------------------------ run
@@ -83,9 +95,22 @@ class ReferenceAttentionControl(AttentionControl):
         state = run.state(self)
         state.pop("kv", None)
 
+    @staticmethod
+    def _step(run, sigma: float) -> tuple[int, int]:
+        """(step index, number of steps) of ``sigma`` in this run."""
+        return run.step_index(sigma), max(len(run.sample_sigmas) - 1, 1)
+
     def mode_at(self, run, sigma: float) -> str:
-        steps = max(len(run.sample_sigmas) - 1, 1)
-        return self.schedule.mode_at(run.step_index(sigma), steps)
+        return self.schedule.mode_at(*self._step(run, sigma))
+
+    def rows_without_control(self, call: ModelCall) -> list[int]:
+        """The negative rows during the first ``negative_control_until`` of the steps (the
+        official code's negative branch without ControlNet in the Stratified range)."""
+        if self.negative_control_until <= 0.0 or not call.layout.has(ROLE_UNCOND):
+            return []
+        if not fs.in_range(*self._step(call.run, call.sigma_value), 0.0, self.negative_control_until):
+            return []
+        return call.layout.indices(ROLE_UNCOND)
 
     # ------------------------------------------------------------ extra rows
     def _has_kv(self, state, role: str, sigma: float) -> bool:

@@ -13,7 +13,7 @@ from ..patching.layers import discover_layers
 from ..patching.patch import add_control
 
 Inversion = io.Custom(INVERSION_TYPE)
-NAME = "InDetail-IP Reference Attention"
+NAME = "QKV InDetail-IP Reference Attention"
 
 
 class QKVInDetailReferenceAttention(io.ComfyNode):
@@ -26,7 +26,8 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
             description="Runs the inverted reference as an extra batch row and lets the generated image's "
                         "self-attention read its keys/values: Stratified Attention early, KV concatenation "
                         "after (paper default), or KV replacement. Only positive CFG rows see the reference "
-                        "unless an Image Prompt Guidance node says otherwise.",
+                        "unless an Image Prompt Guidance node says otherwise. Optionally the negative branch "
+                        "runs without ControlNet for the first part of the steps (official code).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
@@ -42,6 +43,12 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
                                        "(paper: 0.5, recommended 0.3-0.7). 0 = reference ignored."),
                 io.Float.Input("lambda_self", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="λG: weight of the generated image's own attention in Stratified Attention."),
+                io.Float.Input("negative_control_until", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of the sampling steps during which the negative CFG branch gets no "
+                                       "ControlNet residuals (the positive branch keeps them). 0 = off (ControlNet "
+                                       "as the core nodes apply it). The official code does this with ControlNet "
+                                       "over its Stratified range: 0.5 (the first 25 of 50 steps). Without a "
+                                       "ControlNet it has no effect."),
             ],
             outputs=[io.Model.Output(tooltip="The model with InDetail-IP reference attention.")],
         )
@@ -57,11 +64,13 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, inversion, blocks, schedule, lambda_reference, lambda_self) -> io.NodeOutput:
+    def execute(cls, model, inversion, blocks, schedule, lambda_reference, lambda_self,
+                negative_control_until=0.0) -> io.NodeOutput:
         check_inversion(NAME, inversion, model)
         try:
             select_layers(blocks, discover_layers(model), "attn1")
-            control = ReferenceAttentionControl(inversion, blocks, schedule, lambda_reference, lambda_self)
+            control = ReferenceAttentionControl(inversion, blocks, schedule, lambda_reference, lambda_self,
+                                                negative_control_until)
         except ValueError as error:
             raise ValueError(f"{NAME}: {error}") from None
         return io.NodeOutput(add_control(model, control))

@@ -4,7 +4,8 @@ Everything batched to the model input is extended consistently: latent, sigma,
 cross-attention context, concat conditioning, other per-row conditionings and
 ControlNet residuals (zeros for extra rows, so control never leaks into a
 reference stream; ComfyUI would otherwise skip a residual whose batch does not
-match, with only a warning).
+match, with only a warning). ``zero_control_rows`` also zeroes the residuals of
+sampler rows a control asks to leave uncontrolled.
 """
 
 from __future__ import annotations
@@ -63,6 +64,27 @@ def _pad_control(control, extra_count: int):
         else:
             padded[name] = residuals
     return padded
+
+
+def zero_control_rows(control, rows: list[int], batch: int):
+    """``control`` (ComfyUI's residual dict) with the residuals of batch ``rows`` set to zero,
+    as new tensors and new lists: the caller's dict, lists and tensors are not touched (the
+    UNet pops from the lists, and the caller may use the residuals again). A tensor shared by
+    several entries (ComfyUI's ControlNet merge allows that) stays shared. Residuals whose
+    batch is not ``batch`` are left as they are."""
+    if control is None or not rows:
+        return control
+    done: dict[int, torch.Tensor] = {}
+
+    def zeroed(r):
+        if not torch.is_tensor(r) or r.ndim == 0 or r.shape[0] != batch:
+            return r
+        if id(r) not in done:
+            done[id(r)] = r.index_fill(0, torch.tensor(rows, dtype=torch.long, device=r.device), 0)
+        return done[id(r)]
+
+    return {name: [zeroed(r) for r in residuals] if isinstance(residuals, list) else residuals
+            for name, residuals in control.items()}
 
 
 def append_rows(x, sigma, c_concat, c_crossattn, control, conds: dict, layout: RowLayout,

@@ -93,6 +93,8 @@ class AttentionControl:
       select_layers(layers)          which layers it acts on, resolved per model
       start_run(run) / end_run(run)  set up and free run-scoped state
       extra_rows(call)               rows to append to this UNet call
+      rows_without_control(call)     sampler rows of this UNet call that get no
+                                     ControlNet residuals (default: none)
       initial_noise(run, noise)      replace the run's initial noise (default: unchanged)
       attend(call, q, k, v, attend_next)  the attention itself; ``attend_next``
                                      is the rest of the chain (other controls,
@@ -116,6 +118,13 @@ class AttentionControl:
         pass
 
     def extra_rows(self, call: ModelCall) -> list[ExtraRow]:
+        return []
+
+    def rows_without_control(self, call: ModelCall) -> list[int]:
+        """Indices of sampler rows of ``call`` (from ``call.layout`` roles, never fixed
+        positions) whose ControlNet residuals are zeroed for this call: ComfyUI computes a
+        ControlNet for the whole batch, so "this CFG branch uncontrolled" must be said here.
+        Extra rows get zero residuals anyway."""
         return []
 
     def initial_noise(self, run, noise: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Registering controls on a model, and the two keyed wrappers that run them.
 
 - OUTER_SAMPLE: creates the run's RunState, frees it in ``finally``.
-- APPLY_MODEL:  computes the row layout, appends the controls' extra rows,
+- APPLY_MODEL:  computes the row layout, zeroes the ControlNet residuals of rows
+                the controls leave uncontrolled, appends the controls' extra rows,
                 installs the routed attention patches, removes the extra rows
                 from the output.
 The model given to a node is never mutated: ``add_control`` works on a clone.
@@ -17,7 +18,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..attention.rows import RowLayout
 from . import keys
-from .branch_rows import append_rows
+from .branch_rows import append_rows, zero_control_rows
 from .control import AttentionControl, ModelCall
 from .router import install_routes
 from .run_state import RunState
@@ -98,6 +99,22 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         run.close()
 
 
+def _without_control(controls, call: ModelCall, control, batch: int):
+    """``control`` with the residuals of the rows the controls name in
+    ``rows_without_control`` zeroed (new tensors; the caller's residuals untouched)."""
+    if control is None:
+        return None
+    rows = set()
+    for c in controls:
+        asked = c.rows_without_control(call)
+        bad = [i for i in asked if not 0 <= i < batch]
+        if bad:
+            raise ValueError(f"QKV Control: {c.name} expected sampler rows 0-{batch - 1} "
+                             f"without ControlNet, got {bad}")
+        rows.update(asked)
+    return zero_control_rows(control, sorted(rows), batch)
+
+
 def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
                         transformer_options={}, **kwargs):
     controls = transformer_options.get(keys.CONTROLS, ())
@@ -112,6 +129,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     batch = x.shape[0]
     layout = RowLayout.from_cond_or_uncond(transformer_options["cond_or_uncond"], batch)
     call = ModelCall(x, t, layout, c_crossattn, kwargs, run, transformer_options)
+    control = _without_control(controls, call, control, batch)
     extras = [(c.name, row) for c in controls for row in c.extra_rows(call)]
     if extras:
         x, t, c_concat, c_crossattn, control, kwargs, layout = append_rows(

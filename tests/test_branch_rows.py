@@ -1,10 +1,12 @@
 """Appending extra rows: every batched model input stays consistent."""
 
+import pytest
 import torch
 
 from qkv_control.attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND, RowLayout
-from qkv_control.patching.branch_rows import append_rows, cat_contexts
-from qkv_control.patching.control import ExtraRow
+from qkv_control.patching.branch_rows import append_rows, cat_contexts, zero_control_rows
+from qkv_control.patching.control import AttentionControl, ExtraRow
+from qkv_control.patching.patch import _without_control
 from qkv_control.attention.sdpa import plain_attention
 
 
@@ -36,3 +38,27 @@ def test_append_rows_extends_every_batched_input():
     assert control["input"][0].shape[0] == 4 and len(control["input"]) == 2
     assert [r.role for r in layout2.rows] == [ROLE_UNCOND] * 2 + [ROLE_COND] * 2 + [ROLE_REFERENCE] * 2
     assert layout2.indices(ROLE_REFERENCE, "ref#1") == [4, 5] and layout2.n_sampler_rows == 4
+
+
+def test_zero_control_rows_makes_new_residuals_and_keeps_the_callers():
+    shared = torch.randn(4, 2, 8, 8)
+    other_batch = torch.randn(1, 3, 2, 2)  # not the call's batch: left as it is
+    control = {"input": [shared, None, shared], "middle": [other_batch], "output": [], "other": "kept"}
+    before = shared.clone()
+    zeroed = zero_control_rows(control, [1, 3], 4)
+    assert zero_control_rows(control, [], 4) is control and zero_control_rows(None, [1], 4) is None
+    new = zeroed["input"][0]
+    assert new is not shared and zeroed["input"][2] is new and zeroed["input"][1] is None  # still shared once
+    assert new[[1, 3]].abs().sum() == 0 and torch.equal(new[[0, 2]], shared[[0, 2]])
+    assert zeroed["middle"][0] is other_batch and zeroed["other"] == "kept"
+    assert torch.equal(shared, before) and control["input"] == [shared, None, shared] and zeroed["input"] is not control["input"]
+
+
+def test_rows_without_control_outside_the_sampler_rows_is_an_error():
+    class Asks(AttentionControl):
+        def rows_without_control(self, call):
+            return [5]
+
+    control = Asks()
+    with pytest.raises(ValueError, match=rf"{control.name} expected sampler rows 0-3 without ControlNet, got \[5\]"):
+        _without_control((control,), None, {"input": []}, 4)

@@ -1,6 +1,6 @@
 """InDetail-IP on the real ComfyUI samplers with tiny models: inversion (reconstruction,
 cache, progress, interrupt, v-prediction), reference rows (rows per step, only where needed,
-ControlNet-free), conflict-free guidance, equivalences with unpatched sampling, AdaIN noise,
+ControlNet-free), the negative branch without ControlNet early on, conflict-free guidance, equivalences with unpatched sampling, AdaIN noise,
 SDXL / batch / other reference size / cfg 1, and validation messages."""
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def run_inversion(model, latent, positive, steps=STEPS, scheduler="normal"):
     return inversion, z_t
 
 
-def indetail(model, inversion, schedule="stratified:0-0.5, concat:0.5-1", blocks="output", lam_ref=0.5, lam_self=0.5):
-    return QKVInDetailReferenceAttention.execute(model, inversion, blocks, schedule, lam_ref, lam_self).args[0]
+def indetail(model, inversion, schedule="stratified:0-0.5, concat:0.5-1", blocks="output", lam_ref=0.5, lam_self=0.5,
+             **options):
+    return QKVInDetailReferenceAttention.execute(model, inversion, blocks, schedule, lam_ref, lam_self,
+                                                 **options).args[0]
 
 
 def guidance(model, policy, negative_inversion=None):
@@ -251,6 +253,102 @@ def test_reference_row_only_in_the_call_that_needs_it(sd15, policy, rows):
     assert (max(diffs) < 1e-5) == (policy == "positive_only"), diffs
 
 
+# ------------------------------------------------- negative branch without ControlNet
+
+def controlnet_both(positive, negative, family="sd15"):
+    """Apply ControlNet (Advanced) to both branches: one control object, so ComfyUI runs cond
+    and uncond in one call and computes the residuals for the whole batch."""
+    from qkv_control.tiny.controlnet import cached_tiny_controlnet
+    hint = torch.rand(1, SIZE * 8, SIZE * 8, 3, generator=torch.Generator().manual_seed(0))
+    return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, cached_tiny_controlnet(family), hint, 1.0, 0.0, 1.0)
+
+
+def control_effect_recorder(patched):
+    """Clone of ``patched`` whose post-CFG hook records, per step, how far each branch's
+    prediction is from the same branch without ControlNet (same x, sigma): uncond against the
+    unpatched model (conflict-free guidance: its rows are otherwise unpatched), cond against the
+    patched model. Relative max differences (uncond, cond)."""
+    diffs = []
+
+    def no_control(conds):
+        return [{k: v for k, v in c.items() if k != "control"} for c in conds]
+
+    def post_cfg(args):
+        plain = comfy.model_patcher.create_model_options_clone(args["model_options"])
+        plain["transformer_options"].pop(keys.CONTROLS, None)
+        (uncond,) = comfy.samplers.calc_cond_batch(args["model"], [no_control(args["uncond"])], args["input"],
+                                                   args["sigma"], plain)
+        (cond,) = comfy.samplers.calc_cond_batch(args["model"], [no_control(args["cond"])], args["input"],
+                                                 args["sigma"], args["model_options"])
+        diffs.append((float((args["uncond_denoised"] - uncond).abs().max() / uncond.abs().max()),
+                      float((args["cond_denoised"] - cond).abs().max() / cond.abs().max())))
+        return args["denoised"]
+
+    m = patched.clone()
+    m.set_model_sampler_post_cfg_function(post_cfg)
+    return m, diffs
+
+
+@pytest.mark.parametrize("until,uncontrolled", [(0.0, []), (0.5, [0, 1])])
+def test_negative_branch_without_controlnet_early(sd15, until, uncontrolled):
+    """negative_control_until: during steps i with i/N < until the uncond rows' prediction
+    equals the one without ControlNet (up to batch-size float rounding), the cond rows keep
+    their control; after it both branches are controlled. 0 = off: control everywhere."""
+    model, positive, negative, inversion, _ = sd15
+    cn_pos, cn_neg = controlnet_both(positive, negative)
+    recorder, diffs = control_effect_recorder(indetail(model, inversion, negative_control_until=until))
+    with UNetCalls(model) as calls:
+        sample(recorder, cn_pos, cn_neg, steps=STEPS)
+    assert calls.rows[0] == 3  # uncond, cond and reference in one call: the residuals cover both branches
+    assert len(diffs) == STEPS
+    # Measured: uncontrolled ~1e-6 or less; controlled 0.7 at the first step down to 4e-4 at the
+    # last (low sigma: the prediction is mostly x itself).
+    for step, (uncond, cond) in enumerate(diffs):
+        assert cond > 1e-4, (step, diffs)
+        if step in uncontrolled:
+            assert uncond < 1e-5, (step, diffs)
+        else:
+            assert uncond > 1e-4, (step, diffs)
+
+
+def test_negative_control_until_zero_is_bit_identical_to_before(sd15, monkeypatch):
+    """Off (0, the default) the sampled latent is bit-identical to a control that never asks
+    for uncontrolled rows (the code path before the option)."""
+    from qkv_control.patching.control import AttentionControl
+    model, positive, negative, inversion, _ = sd15
+    cn_pos, cn_neg = controlnet_both(positive, negative)
+    off = sample(indetail(model, inversion, negative_control_until=0.0), cn_pos, cn_neg, steps=2)
+    default = sample(indetail(model, inversion), cn_pos, cn_neg, steps=2)
+    monkeypatch.setattr(ReferenceAttentionControl, "rows_without_control", AttentionControl.rows_without_control)
+    before = sample(indetail(model, inversion, negative_control_until=0.5), cn_pos, cn_neg, steps=2)
+    assert torch.equal(off, before) and torch.equal(default, before)
+
+
+def test_callers_controlnet_residuals_are_not_mutated(sd15):
+    """An APPLY_MODEL wrapper outside the pack's sees its ControlNet dict, lists and tensors
+    unchanged after the call, although the uncond rows were zeroed for the UNet."""
+    model, positive, negative, inversion, _ = sd15
+    cn_pos, cn_neg = controlnet_both(positive, negative)
+    checked = []
+
+    def outer(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        lists = {name: list(residuals) for name, residuals in control.items()}
+        values = {name: [r.clone() for r in residuals if torch.is_tensor(r)] for name, residuals in control.items()}
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        for name, residuals in control.items():
+            assert len(residuals) == len(lists[name]) and all(a is b for a, b in zip(residuals, lists[name]))
+            now = [r for r in residuals if torch.is_tensor(r)]
+            assert all(torch.equal(a, b) for a, b in zip(now, values[name])), name
+        checked.append(sum(len(v) for v in values.values()))
+        return out
+
+    base = model.clone()
+    base.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test_outer", outer)  # before the pack's: outside it
+    sample(indetail(base, inversion, negative_control_until=1.0), cn_pos, cn_neg, steps=2)
+    assert len(checked) == 2 and min(checked) > 0, checked
+
+
 # ------------------------------------------------------------- equivalences
 
 def test_lambda_reference_zero_reproduces_unpatched_sampling(sd15):
@@ -374,7 +472,7 @@ def test_validation_messages(sd15):
         QKVAdaINNoise.execute(two, {"samples": torch.zeros(3, 4, 8, 8)}, 0)
     message = QKVInDetailReferenceAttention.validate_inputs(schedule="blend:0-1")
     assert "expected a mode in stratified, concat, replace, none, got 'blend'" in message
-    assert QKVDDIMInversion.validate_inputs(steps=0, scheduler="normal").startswith("DDIM Inversion: expected steps >= 1")
+    assert QKVDDIMInversion.validate_inputs(steps=0, scheduler="normal").startswith("QKV DDIM Inversion: expected steps >= 1")
 
 
 def test_chain_between_its_sigmas_stays_as_accurate_as_on_them():
