@@ -6,6 +6,7 @@ pass/fail thresholds: speed goals are read, not asserted.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -74,6 +75,15 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
         return False
+
+
+def argument_parser(description: str, *, full_size: bool = True, repeats: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark has: the full-size SD1.5 run (on or off) and repeats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=full_size,
+                        help="also measure a random full-size SD1.5 (writes a ~1.7 GB temp file; slow on CPU)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
 
 
 def measure(fn, repeats: int = 3):

@@ -10,9 +10,8 @@ Also: the inversion (1 row per step) and its cached second run.
 
 from __future__ import annotations
 
-import argparse
 
-from common import bootstrap, measure, memory_columns, print_table, random_full_size_sd15
+from common import argument_parser, bootstrap, measure, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -116,10 +115,7 @@ def _table(name, model, context_dim, pooled, size, steps, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=False,
-                        help="also measure a random full-size SD1.5 (writes a ~1.7 GB temp file; slow on CPU)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = argument_parser(__doc__, full_size=False, repeats=2)
     parser.add_argument("--size", type=int, default=24, help="latent size (24 = 192 px)")
     parser.add_argument("--steps", type=int, default=8)
     opts, _ = parser.parse_known_args()

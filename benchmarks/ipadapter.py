@@ -9,9 +9,8 @@ Prints time per step and ratios (patched / plain); never pass/fail.
 
 from __future__ import annotations
 
-import argparse
 
-from common import bootstrap, measure, print_table, random_full_size_sd15
+from common import argument_parser, bootstrap, measure, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -78,11 +77,8 @@ def _rows(name, model, context_dim, size, steps, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure a random full-size SD1.5 (writes a ~1.7 GB temp file)")
+    parser = argument_parser(__doc__, full_size=True, repeats=3)
     parser.add_argument("--size", type=int, default=16, help="latent size of the full-size runs")
-    parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
 
     from qkv_control.tiny.models import TEXT_WIDTH, tiny_checkpoint

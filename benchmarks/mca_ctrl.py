@@ -9,11 +9,10 @@ Inversions run before timing (they are cached per image in real use). Prints rat
 
 from __future__ import annotations
 
-import argparse
 
 import time
 
-from common import PeakMemory, bootstrap, memory_columns, print_table, random_full_size_sd15
+from common import PeakMemory, argument_parser, bootstrap, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -119,10 +118,7 @@ def _rows(name, model, context_dim, size, steps, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure a random full-size SD1.5 (writes a ~1.7 GB temp file)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argument_parser(__doc__, full_size=True, repeats=3)
     parser.add_argument("--size", type=int, default=16, help="latent size (pixels / 8)")
     opts = parser.parse_args()
 

@@ -8,9 +8,8 @@ Prints time per step and peak memory as ratios (target: within 1.10x).
 
 from __future__ import annotations
 
-import argparse
 
-from common import bootstrap, measure, memory_columns, print_table, random_full_size_sd15
+from common import argument_parser, bootstrap, measure, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
 
@@ -65,10 +64,7 @@ def _rows(name, model, context_dim, size, steps, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure a random full-size SD1.5 (writes a ~1.7 GB temp file)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argument_parser(__doc__, full_size=True, repeats=3)
     opts = parser.parse_args()
 
     from qkv_control.tiny.models import TEXT_WIDTH, tiny_checkpoint
