@@ -136,7 +136,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
             x, t, c_concat, c_crossattn, control, kwargs, layout, extras)
     options = transformer_options.copy()
     options[keys.ROWS] = layout
-    options["patches_replace"] = install_routes(transformer_options.get("patches_replace", {}), run)
+    options["patches_replace"] = install_routes(transformer_options.get("patches_replace", {}), run, layout)
     out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
     for offset, (_, row) in enumerate(extras):
         if row.on_output is not None:

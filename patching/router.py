@@ -5,8 +5,10 @@ before (another pack's replace patch, or ComfyUI's optimized attention)."""
 from __future__ import annotations
 
 import comfy.ldm.modules.attention as comfy_attention
+import torch
 
 from ..attention.layers import AttentionLayer
+from ..attention.rows import RowLayout
 from . import keys
 from .control import AttentionCall
 
@@ -65,12 +67,46 @@ def _link(control, call, attend_next):
     return attend
 
 
-def install_routes(patches_replace: dict, run) -> dict:
-    """A copy of ``patches_replace`` with a RoutedAttention on every layer a control
-    touches; whatever was installed there is kept as the end of the chain."""
-    if not run.routes:
-        return patches_replace
+class SamplerRowsOnly:
+    """Another pack's replace patch, called on the sampler rows only.
+
+    Such patches expect the batch ComfyUI built: equal chunks, one per entry of
+    ``cond_or_uncond`` (IPAdapter_plus, for one, slices its image tokens by
+    ``batch // len(cond_or_uncond)``). Extra branch rows (always appended after the
+    sampler rows) are plain UNet passes and get plain attention."""
+
+    def __init__(self, foreign):
+        self.foreign = foreign
+
+    def __call__(self, q, k, v, extra_options):
+        n = extra_options[keys.ROWS].n_sampler_rows
+        if q.shape[0] <= n:  # the sampler rows (or a control's subset of rows)
+            return self.foreign(q, k, v, extra_options)
+        sampler = self.foreign(q[:n], k[:n], v[:n], extra_options)
+        extra = RoutedAttention._plain(extra_options)(q[n:], k[n:], v[n:])
+        return torch.cat([sampler, extra.to(sampler.dtype)])
+
+
+_ATTENTION_KINDS = ("attn1", "attn2")
+
+
+def _sampler_rows_only(patches_replace: dict) -> dict:
+    """``patches_replace`` with every other pack's attention patch wrapped in SamplerRowsOnly."""
     result = dict(patches_replace)
+    for kind in _ATTENTION_KINDS:
+        if kind in result:
+            result[kind] = {key: fn if isinstance(fn, (RoutedAttention, SamplerRowsOnly)) else SamplerRowsOnly(fn)
+                            for key, fn in result[kind].items()}
+    return result
+
+
+def install_routes(patches_replace: dict, run, layout: RowLayout) -> dict:
+    """A copy of ``patches_replace`` with a RoutedAttention on every layer a control
+    touches; whatever was installed there is kept as the end of the chain. When the
+    call has extra rows, other packs' patches see only the sampler rows."""
+    result = dict(patches_replace)
+    if len(layout) > layout.n_sampler_rows:
+        result = _sampler_rows_only(result)
     for (kind, key), controls in run.routes.items():
         slot = dict(result.get(kind, {}))
         block_key = key[:2]

@@ -169,10 +169,10 @@ def test_stacking_with_another_packs_attn2_replace_keeps_both(adapter_dir, visio
     other.set_model_attn2_replace(foreign, "input", 1)
     both = apply(other, adapter, vision, images[0], 0.8)
     run = _run(both)
-    routes = install_routes(both.model_options["transformer_options"].get("patches_replace", {}), run)
+    layout = RowLayout((Row(ROLE_COND, 0),))
+    routes = install_routes(both.model_options["transformer_options"].get("patches_replace", {}), run, layout)
     layer = next(layer for layer in run.layers if layer.kind == "attn2" and layer.key == ("input", 1, 0))
     routed = routes["attn2"][layer.key]
-    layout = RowLayout((Row(ROLE_COND, 0),))
     _, options = _layer_call(run, layer, layout)
     options.update({"block": ("input", 1), "block_index": 0})
     q, k, v = _qkv(layer, 1, seed=2)

@@ -240,3 +240,43 @@ def test_cleanup_never_hides_the_sampling_error(checkpoint):
     model, pos, neg = checkpoint
     with pytest.raises(KeyError, match="the sampling error"):
         sample(add_control(model, FailingCleanup()), pos, neg, steps=1)
+
+
+class ChunkingForeignReplace:
+    """Another pack's replace patch that, like IPAdapter_plus, slices the batch into
+    ``len(cond_or_uncond)`` equal chunks: it must only ever see the sampler's rows."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, q, k, v, extra_options):
+        chunks = len(extra_options["cond_or_uncond"])
+        assert q.shape[0] % chunks == 0, f"{q.shape[0]} rows for {chunks} CFG chunks"
+        self.batches.append(q.shape[0])
+        per_chunk = q.shape[0] // chunks
+        parts = [comfy_attention.optimized_attention(q[i * per_chunk:(i + 1) * per_chunk], k[i * per_chunk:(i + 1) * per_chunk],
+                                                     v[i * per_chunk:(i + 1) * per_chunk], extra_options["n_heads"]) * (0.5 + i)
+                 for i in range(chunks)]
+        return torch.cat(parts)
+
+
+@pytest.mark.parametrize("kind", ["attn1", "attn2"])
+def test_other_packs_patches_see_only_sampler_rows(checkpoint, kind):
+    """Extra branch rows never reach another pack's replace patch on any layer, routed by us
+    or not; the sampler rows' result is exactly what that patch gives without extra rows."""
+    model, pos, neg = checkpoint
+    from qkv_control.patching.layers import discover_layers
+    layer = next(item for item in discover_layers(model) if item.kind == kind)
+
+    def with_foreign(m, foreign):
+        m = m.clone()
+        m.set_model_patch_replace(foreign, kind, layer.block[0], layer.block[1], layer.transformer_index)
+        return m
+
+    alone = ChunkingForeignReplace()
+    expected = sample(with_foreign(model, alone), pos, neg, steps=2, batch=2)
+    for ours in (UncoupledRowControl(), NoOpControl()):
+        foreign = ChunkingForeignReplace()
+        patched = with_foreign(add_control(add_control(model, UncoupledRowControl()), ours), foreign)
+        assert torch.equal(expected, sample(patched, pos, neg, steps=2, batch=2))
+        assert foreign.batches == alone.batches and set(foreign.batches) == {4}
