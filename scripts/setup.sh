@@ -62,7 +62,10 @@ case "$(uname -m)" in
 esac
 TORCH_PINS="${QKV_TORCH_PINS:-$TORCH_PINS}"
 
+# Bump when what this script installs changes without a requirements file changing.
+SETUP_RECIPE=2
 stamp_input() {
+    echo "recipe $SETUP_RECIPE"
     echo "$TORCH_PINS"
     echo "$COMFY"
     cat "$COMFY/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"
@@ -77,12 +80,10 @@ else
     printf '%s\n' $TORCH_PINS > "$RUNTIME/torch-constraints.txt"
     log "installing $TORCH_PINS"
     "${PIP[@]}" install $TORCH_PINS
-    # The workflow-template and embedded-docs packages (~470 MB) are optional:
-    # the server serves the frontend without them.
-    grep -v -E '^(comfyui-workflow-templates|comfyui-embedded-docs)' "$COMFY/requirements.txt" \
-        > "$RUNTIME/comfyui-requirements.txt"
+    # All of them, the workflow templates and embedded docs (~470 MB) included: without
+    # them `make serve` starts with an error banner and an empty core template browser.
     log "installing ComfyUI's requirements"
-    "${PIP[@]}" install -c "$RUNTIME/torch-constraints.txt" -r "$RUNTIME/comfyui-requirements.txt"
+    "${PIP[@]}" install -c "$RUNTIME/torch-constraints.txt" -r "$COMFY/requirements.txt"
     log "installing the pack's requirements"
     "${PIP[@]}" install -c "$RUNTIME/torch-constraints.txt" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
     echo "$want_stamp" > "$VENV/.qkv-stamp"
