@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from comfy_api.latest import io
 
 from ..attention import mca_ctrl as mca
@@ -66,6 +68,16 @@ def _validate_schedule(node: str, sagi_steps=0.1, salq_end=1.0, order=mca.ORDER_
     return True
 
 
+@contextlib.contextmanager
+def _errors_named(node: str):
+    """Errors of the control's own checks, prefixed with the node's name (once)."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if message.startswith(node) else f"{node}: {message}") from None
+
+
 def _check_mask(node: str, mask, what: str):
     if mask is None:
         return None
@@ -114,16 +126,13 @@ class QKVMCACtrlReplace(io.ComfyNode):
         check_inversion(REPLACE_NAME, subject, model, "subject")
         check_inversion(REPLACE_NAME, scene, model, "scene")
         _check_layers(REPLACE_NAME, model, salq_layers, sagi_layers)
-        try:
+        with _errors_named(REPLACE_NAME):
             control = MCACtrl(subject, _check_mask(REPLACE_NAME, subject_mask, "subject_mask"),
                               _check_mask(REPLACE_NAME, target_mask, "target_mask"), condition=scene,
                               schedule=_schedule(REPLACE_NAME, sagi_steps, salq_end, order),
                               salq_layers=salq_layers, sagi_layers=sagi_layers,
                               subject_dilation=subject_dilation, region_dilation=target_dilation,
                               label=REPLACE_NAME)
-        except ValueError as error:
-            message = str(error)
-            raise ValueError(message if message.startswith(REPLACE_NAME) else f"{REPLACE_NAME}: {message}") from None
         return io.NodeOutput(add_control(model, control))
 
 
@@ -183,7 +192,7 @@ class QKVMCACtrlGenerate(io.ComfyNode):
         if context.shape[-1] != subject.context_dim:
             raise ValueError(f"{GENERATE_NAME}: expected a text encoder of width {subject.context_dim} (the "
                              f"subject inversion's model), got {context.shape[-1]}")
-        try:
+        with _errors_named(GENERATE_NAME):
             control = MCACtrl(subject, _check_mask(GENERATE_NAME, subject_mask, "subject_mask"),
                               _check_mask(GENERATE_NAME, target_mask, "target_mask"),
                               condition_context=context[:1].detach(),
@@ -192,9 +201,6 @@ class QKVMCACtrlGenerate(io.ComfyNode):
                               subject_dilation=subject_dilation, subject_tokens=subject_tokens,
                               auto_mask_fraction=auto_mask_share, condition_cfg=condition_cfg,
                               label=GENERATE_NAME)
-        except ValueError as error:
-            message = str(error)
-            raise ValueError(message if message.startswith(GENERATE_NAME) else f"{GENERATE_NAME}: {message}") from None
         return io.NodeOutput(add_control(model, control))
 
 
