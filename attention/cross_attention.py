@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .sdpa import split_heads
+from .sdpa import repeat_tokens, split_heads
 
 AttendFn = Callable[..., torch.Tensor]
 
@@ -74,15 +74,6 @@ def joint_attention(q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
     # [1, 1, Nk] broadcasts over batch, heads and queries.
     mask = torch.cat(bias).view(1, 1, -1)
     return attend(q, k, v, mask=mask)
-
-
-def repeat_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Repeat a key/value sequence to ``tokens`` tokens: attention over a sequence
-    repeated r times equals attention over it once (what ComfyUI's cond_cat relies on)."""
-    n = x.shape[1]
-    if tokens % n:
-        raise ValueError(f"repeat_tokens: cannot repeat {n} tokens to {tokens}")
-    return x.repeat(1, tokens // n, 1)
 
 
 def share_kv(k: torch.Tensor, v: torch.Tensor, target_rows: Sequence[int],

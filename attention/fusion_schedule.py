@@ -2,10 +2,10 @@
 (InDetail-IP Sec. 3 "Attention Fusion", Suppl. B: Stratified Attention for the first 10 of 50
 steps, 25 of 50 with ControlNet, KV concatenation after).
 
-Ranges are fractions of the run's sampling steps, so "the first 10 of 50" written as
-``stratified:0-0.2`` stays "the first fifth" at 20, 30 or 100 steps and under denoise < 1
-(the steps the run actually takes). Step i of N is in ``a-b`` when a <= i/N < b (b = 1
-includes the last step).
+Ranges are step windows (``attention.step_window``): fractions of the run's sampling steps,
+so "the first 10 of 50" written as ``stratified:0-0.2`` stays "the first fifth" at 20, 30 or
+100 steps and under denoise < 1 (the steps the run actually takes). Step i of N is in ``a-b``
+when a <= i/N < b (b = 1 includes the last step).
 
 Spec: comma-separated ``mode:start-end`` items, modes ``stratified``, ``concat``, ``replace``,
 ``none`` (unpatched). Later items win where ranges overlap; uncovered steps run unpatched.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from .step_window import StepWindow
 
 STRATIFIED = "stratified"
 CONCAT = "concat"
@@ -28,27 +30,20 @@ CONTROLNET_SPEC = "stratified:0-0.5, concat:0.5-1"
 _ITEM = re.compile(r"^([a-z]+)\s*:\s*([0-9]*\.?[0-9]+)\s*-\s*([0-9]*\.?[0-9]+)$")
 
 
-def in_range(step: int, steps: int, start: float, end: float) -> bool:
-    """Whether step ``step`` (0-based) of a run of ``steps`` steps lies in the fraction range
-    ``start-end``: start <= step/steps < end, an end of 1 including the last step."""
-    fraction = step / max(int(steps), 1)
-    return start <= fraction < end or (end >= 1.0 and fraction >= 1.0)
-
-
 @dataclass(frozen=True)
 class FusionSchedule:
-    segments: tuple[tuple[str, float, float], ...]
+    segments: tuple[tuple[str, StepWindow], ...]
 
     def mode_at(self, step: int, steps: int) -> str:
         """The mode at step ``step`` (0-based) of a run of ``steps`` steps."""
         mode = NONE
-        for name, start, end in self.segments:
-            if in_range(step, steps, start, end):
+        for name, window in self.segments:
+            if window.contains(step, steps):
                 mode = name
         return mode
 
     def modes_used(self) -> set[str]:
-        return {name for name, _, _ in self.segments}
+        return {name for name, _ in self.segments}
 
 
 def parse_fusion_schedule(spec: str) -> FusionSchedule:
@@ -68,5 +63,5 @@ def parse_fusion_schedule(spec: str) -> FusionSchedule:
             raise ValueError(
                 f"fusion schedule: expected 0 <= start < end <= 1 (fractions of the steps), got {start}-{end} in '{item}'"
             )
-        segments.append((mode, start, end))
+        segments.append((mode, StepWindow(start, end)))
     return FusionSchedule(tuple(segments))

@@ -19,13 +19,15 @@ Mask conventions used throughout (all in ``[0, 1]``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .sdpa import AttendFn
+from .cover_crop import cover_crop
+from .step_window import StepWindow
+from .token_grid import token_grid
 
 PHASE_NONE = "none"
 PHASE_SAGI = "sagi"
@@ -41,25 +43,6 @@ KEY_THRESHOLD = 0.5
 
 # ---------------------------------------------------------------------------
 # Token grids and masks
-
-
-def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
-    """(h, w) of a layer with ``n_tokens`` tokens in a UNet whose latent is ``latent_hw``.
-
-    Each resolution level halves with ceil rounding (ComfyUI's stride-2
-    ``Downsample`` with padding 1), so odd latent sizes resolve too.
-    """
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    while h * w > n_tokens and h > 0 and w > 0:
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-        if h == 1 and w == 1:
-            break
-    if h * w != n_tokens:
-        raise ValueError(
-            f"MCA-Ctrl: expected a token count of the latent {latent_hw[0]}x{latent_hw[1]} halved per level, "
-            f"got {n_tokens} tokens"
-        )
-    return h, w
 
 
 def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -243,7 +226,9 @@ def sagi(out_subject: torch.Tensor, out_condition: torch.Tensor,
 @dataclass(frozen=True)
 class PhaseSchedule:
     """Which sampling steps run SAGI and which SALQ (paper: SAGI early, SALQ after,
-    never overlapping; the reversed order is the paper's ablation).
+    never overlapping; the reversed order is the paper's ablation), as step windows
+    (``attention.step_window``: fractions of the run's steps, step i of N in ``a-b`` when
+    a <= i/N < b).
 
     sagi_fraction: share of the steps SAGI runs (official code: first 10%).
     salq_end:      fraction of the steps where SALQ stops (1.0 = to the end).
@@ -268,17 +253,16 @@ class PhaseSchedule:
         if self.order not in ORDERS:
             raise ValueError(f"MCA-Ctrl: expected order in {ORDERS}, got '{self.order}'")
 
-    def windows(self, steps: int) -> dict[str, tuple[int, int]]:
-        """Step windows ``[start, end)`` per phase for a run of ``steps`` steps."""
-        p = round(self.sagi_fraction * steps)
-        e = round(self.salq_end * steps)
+    def windows(self) -> dict[str, StepWindow]:
+        """The step window of each phase."""
+        p, e = self.sagi_fraction, self.salq_end
         if self.order == ORDER_SAGI_FIRST:
-            return {PHASE_SAGI: (0, p), PHASE_SALQ: (p, e)}
-        return {PHASE_SALQ: (0, e - p), PHASE_SAGI: (e - p, e)}
+            return {PHASE_SAGI: StepWindow(0.0, p), PHASE_SALQ: StepWindow(p, e)}
+        return {PHASE_SALQ: StepWindow(0.0, e - p), PHASE_SAGI: StepWindow(e - p, e)}
 
     def phase(self, step: int, steps: int) -> str:
-        for name, (start, end) in self.windows(steps).items():
-            if start <= step < end:
+        for name, window in self.windows().items():
+            if window.contains(step, steps):
                 return name
         return PHASE_NONE
 
@@ -307,24 +291,10 @@ def top_fraction_mask(token_map: torch.Tensor, fraction: float = 0.3) -> torch.T
 # Aligning masks with the latents the streams run at
 
 
-def cover_crop(mask: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tensor:
-    """[B, 1, h, w] scaled to cover ``target_hw`` keeping its aspect ratio, centre-cropped,
-    nearest-exact: the same policy as ``InvertedChain.resized``, so a mask stays on the
-    latent it was drawn for when a stream of another size is fitted to the target."""
-    h, w = mask.shape[-2:]
-    height, width = target_hw
-    if (h, w) == (height, width):
-        return mask
-    scale = max(height / h, width / w)
-    sh, sw = max(height, round(h * scale)), max(width, round(w * scale))
-    up = F.interpolate(mask.float(), size=(sh, sw), mode="nearest-exact")
-    top, left = (sh - height) // 2, (sw - width) // 2
-    return up[..., top:top + height, left:left + width]
-
-
 def fit_mask(mask: torch.Tensor, source_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
     """A MASK drawn on an image whose latent is ``source_hw``, on a ``target_hw`` latent:
-    area-resized to the source latent, then cover-cropped like the source's stream. [B, 1, H, W]."""
+    area-resized to the source latent, then cover-cropped like the source's stream
+    (``attention.cover_crop``). [B, 1, H, W]."""
     m = F.adaptive_avg_pool2d(as_mask_batch(mask), tuple(source_hw))
     return cover_crop(m, tuple(target_hw)).clamp(0.0, 1.0)
 

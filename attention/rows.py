@@ -22,6 +22,12 @@ SAMPLER_ROLES = (ROLE_COND, ROLE_UNCOND)
 # ComfyUI's cond_or_uncond codes.
 _BRANCH_ROLE = {0: ROLE_COND, 1: ROLE_UNCOND}
 
+# Which CFG branch's image prompt a row takes (``Row.image_prompt``): the positive one, the
+# negative one (what the negative branch gets depends on the guidance policy), or none.
+PROMPT_POSITIVE = "positive"
+PROMPT_NEGATIVE = "negative"
+_BRANCH_PROMPT = {ROLE_COND: PROMPT_POSITIVE, ROLE_UNCOND: PROMPT_NEGATIVE}
+
 
 @dataclass(frozen=True)
 class Row:
@@ -32,11 +38,17 @@ class Row:
             or the index inside its stream (extra rows).
     source: for extra rows, the name of the stream that appended it, so two
             controls with streams of the same role stay apart.
+    image_prompt: which image prompt the row sees (``PROMPT_POSITIVE``, ``PROMPT_NEGATIVE``)
+            or None. Sampler rows see their CFG branch's; an extra row sees what the
+            control that appends it says (a generated stream that should look like the
+            target: positive; an inverted reference: none). Image-prompt controls read
+            this, never a list of roles, so a new kind of row needs no change elsewhere.
     """
 
     role: str
     item: int = 0
     source: str | None = None
+    image_prompt: str | None = None
 
     @property
     def is_sampler_row(self) -> bool:
@@ -61,7 +73,7 @@ class RowLayout:
             role = _BRANCH_ROLE.get(int(code))
             if role is None:
                 raise ValueError(f"row layout: expected cond_or_uncond codes 0 or 1, got {code}")
-            rows.extend(Row(role, item) for item in range(per_chunk))
+            rows.extend(Row(role, item, image_prompt=_BRANCH_PROMPT[role]) for item in range(per_chunk))
         return cls(tuple(rows))
 
     def __len__(self) -> int:
@@ -90,6 +102,10 @@ class RowLayout:
 
     def index_tensor(self, role: str, device: torch.device, source: str | None = None) -> torch.Tensor:
         return torch.tensor(self.indices(role, source), dtype=torch.long, device=device)
+
+    def image_prompt_rows(self, branch: str) -> list[int]:
+        """Row indices that see ``branch``'s image prompt (``Row.image_prompt``)."""
+        return [i for i, row in enumerate(self.rows) if row.image_prompt == branch]
 
     def items(self, role: str) -> list[int]:
         """Batch-item index of every row of ``role``, in row order."""

@@ -44,6 +44,16 @@ def plain_attention(
     return merge_heads(out)
 
 
+def repeat_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A key/value sequence ``[B, N, D]`` repeated to ``tokens`` tokens: attention over a
+    sequence repeated r times equals attention over it once (ComfyUI's ``cond_cat`` relies on
+    this to batch contexts of different lengths)."""
+    n = x.shape[1]
+    if tokens % n:
+        raise ValueError(f"repeat_tokens: expected a token count that is a multiple of {n}, got {tokens}")
+    return x.repeat(1, tokens // n, 1)
+
+
 def bind_heads(attention: Callable[..., torch.Tensor], heads: int) -> AttendFn:
     """Turn ``attention(q, k, v, heads, mask=None)`` into ``attend(q, k, v, mask=None)``."""
 

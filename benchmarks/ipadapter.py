@@ -21,7 +21,8 @@ def _cases(model, context_dim, tokens_count):
     from qkv_control.attention.layers import select_layers
     from qkv_control.ipadapter.control import IPAdapterControl, Reference
     from qkv_control.ipadapter.files import parse_state
-    from qkv_control.ipadapter.guidance import ConditionGuidanceControl, MaskGuidanceControl
+    from qkv_control.text_guidance.condition import ConditionGuidanceControl
+    from qkv_control.text_guidance.mask import MaskGuidanceControl
     from qkv_control.ipadapter.model import IPAdapterModel, ImageTokens, diffusers_order
     from qkv_control.patching import keys
     from qkv_control.patching.image_prompt_policy import ImagePromptPolicy

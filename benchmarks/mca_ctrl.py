@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 
 from qkv_control.attention import mca_ctrl as mca  # noqa: E402
 from qkv_control.inversion.invert import invert  # noqa: E402
+from qkv_control.mca_ctrl.config import AutoMask, ConditionPrompt, Masks, Schedule, Streams  # noqa: E402
 from qkv_control.mca_ctrl.control import MCACtrl  # noqa: E402
 from qkv_control.patching.patch import add_control  # noqa: E402
 
@@ -91,9 +92,10 @@ def _rows(name, model, context_dim, size, steps, repeats):
     subject, _ = invert(model, torch.randn(1, 4, size, size, generator=generator) * 0.5, steps, "normal")
     scene, _ = invert(model, torch.randn(1, 4, size, size, generator=generator) * 0.5, steps, "normal")
     subject_mask, region = _masks(size)
-    replace = MCACtrl(subject, subject_mask, region, condition=scene, schedule=mca.PhaseSchedule(0.1, 1.0))
-    generate = MCACtrl(subject, subject_mask, None, condition_context=pos[0][0], subject_tokens=[1, 2],
-                       schedule=mca.PhaseSchedule(0.1, 1.0))
+    schedule = Schedule(mca.PhaseSchedule(0.1, 1.0))
+    replace = MCACtrl(Streams(subject, scene=scene), Masks(subject_mask, region), schedule)
+    generate = MCACtrl(Streams(subject, prompt=ConditionPrompt(pos[0][0])),
+                       Masks(subject_mask, auto=AutoMask((1, 2))), schedule)
     counters = {"replace / add": RowCounter(replace), "generation (auto mask)": RowCounter(generate)}
     cases = {
         "plain, 1 image": _ksampler(model, pos, neg, size, steps, 1),

@@ -20,6 +20,8 @@ sigma (cond and uncond in separate calls) reuses them instead of appending the r
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -27,31 +29,38 @@ from ..attention import fusion_schedule as fs
 from ..attention.kv_modes import kv_concat, kv_replace, reference_tokens, stratified_attention
 from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND
+from ..attention.step_window import StepWindow
 from ..inversion.result import InversionResult
 from ..inversion.stream import InvertedStream
 from ..patching.control import AttentionCall, AttentionControl, ModelCall
-from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE, get_policy
+from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE
 
 logger = logging.getLogger("qkv_control")
 
 ROLE_NEGATIVE_REFERENCE = "negative_reference"
 DEFAULT_BLOCKS = "output"
+# Two sigmas within this relative distance are the same step of the run.
+_SAME_SIGMA = 1e-6
 
 
-def _plain_attention(call: AttentionCall):
-    """Plain attention with the layer's heads (ComfyUI's optimized attention)."""
-    plain = getattr(call, "plain", None)
-    if plain is not None:
-        return plain
-    import comfy.ldm.modules.attention as comfy_attention
+def _same_sigma(a: float, b: float) -> bool:
+    return abs(a - b) <= _SAME_SIGMA * max(1.0, abs(b))
 
-    heads = call.heads
 
-    def attend(q, k, v, mask=None):
-        return comfy_attention.optimized_attention(q, k, v, heads, mask=mask,
-                                                   attn_precision=call.extra_options.get("attn_precision"))
+@dataclass
+class _StepKV:
+    """A stream's K/V at one sigma, per layer key: kept when cond and uncond of one step come
+    in separate calls, so the later call reuses them instead of appending the row again."""
 
-    return attend
+    sigma: float
+    by_layer: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Scratch:
+    layers: frozenset                             # keys of the layers this control acts on
+    negative_stream: Optional[InvertedStream]     # the policy's negative image as a stream
+    kv: dict = field(default_factory=dict)        # stream role -> _StepKV
 
 
 class ReferenceAttentionControl(AttentionControl):
@@ -77,76 +86,59 @@ class ReferenceAttentionControl(AttentionControl):
         self.schedule = fs.parse_fusion_schedule(schedule)
         self.weight_ref = float(weight_ref)
         self.weight_self = float(weight_self)
-        self.negative_control_until = float(negative_control_until)
+        self.uncontrolled_negative = StepWindow(0.0, float(negative_control_until))
         self.stream = InvertedStream(inversion, ROLE_REFERENCE, label="InDetail-IP reference")
 
     # ------------------------------------------------------------------ run
     def select_layers(self, layers):
         return select_layers(self.blocks, layers, "attn1")
 
-    def start_run(self, run) -> None:
-        state = run.state(self)
-        state["layers"] = {key for (kind, key), controls in run.routes.items() if self in controls}
-        state["kv"] = {}
-        state["rows_appended"] = 0
-        state["calls"] = 0
-
-    def end_run(self, run) -> None:
-        state = run.state(self)
-        state.pop("kv", None)
-
-    @staticmethod
-    def _step(run, sigma: float) -> tuple[int, int]:
-        """(step index, number of steps) of ``sigma`` in this run."""
-        return run.step_index(sigma), max(len(run.sample_sigmas) - 1, 1)
+    def start_run(self, run) -> _Scratch:
+        policy = run.policy
+        negative = None
+        if policy.mode == NEGATIVE_IMAGE and isinstance(policy.negative_inversion, InversionResult):
+            negative = InvertedStream(policy.negative_inversion, ROLE_NEGATIVE_REFERENCE, label="negative image")
+        return _Scratch(layers=run.layers_of(self), negative_stream=negative)
 
     def mode_at(self, run, sigma: float) -> str:
-        return self.schedule.mode_at(*self._step(run, sigma))
+        return self.schedule.mode_at(run.clock.step(sigma), run.clock.steps)
 
     def rows_without_control(self, call: ModelCall) -> list[int]:
         """The negative rows during the first ``negative_control_until`` of the steps (the
         official code's negative branch without ControlNet in the Stratified range)."""
-        if self.negative_control_until <= 0.0 or not call.layout.has(ROLE_UNCOND):
+        if self.uncontrolled_negative.empty or not call.layout.has(ROLE_UNCOND):
             return []
-        if not fs.in_range(*self._step(call.run, call.sigma_value), 0.0, self.negative_control_until):
+        if not call.active(self.uncontrolled_negative):
             return []
         return call.layout.indices(ROLE_UNCOND)
 
     # ------------------------------------------------------------ extra rows
-    def _has_kv(self, state, role: str, sigma: float) -> bool:
-        entry = state["kv"].get(role)
-        return (entry is not None and abs(entry[0] - sigma) <= 1e-6 * max(1.0, abs(sigma))
-                and len(entry[1]) >= len(state["layers"]))
-
-    def _negative_stream(self, policy):
-        if policy.mode == NEGATIVE_IMAGE and isinstance(policy.negative_inversion, InversionResult):
-            return InvertedStream(policy.negative_inversion, ROLE_NEGATIVE_REFERENCE, label="negative image")
-        return None
+    @staticmethod
+    def _has_kv(scratch: _Scratch, role: str, sigma: float) -> bool:
+        entry = scratch.kv.get(role)
+        return entry is not None and _same_sigma(entry.sigma, sigma) and len(entry.by_layer) >= len(scratch.layers)
 
     def extra_rows(self, call: ModelCall):
         run = call.run
-        state = run.state(self)
-        state["calls"] += 1
+        scratch: _Scratch = run.scratch(self)
         sigma = call.sigma_value
         if self.mode_at(run, sigma) == fs.NONE:
             return []
-        policy = get_policy(call.transformer_options)
-        has_cond, has_uncond = call.layout.has(ROLE_COND), call.layout.has(ROLE_UNCOND)
+        seeing = run.image_prompt_rows(call.layout)
         rows = []
-        needs_ref = has_cond or (has_uncond and policy.mode == BOTH)
-        if needs_ref and not self._has_kv(state, ROLE_REFERENCE, sigma):
+        needs_ref = bool(seeing.positive) or (bool(seeing.negative) and run.policy.mode == BOTH)
+        if needs_ref and not self._has_kv(scratch, ROLE_REFERENCE, sigma):
             rows += self.stream.rows_for(call)
-        negative = self._negative_stream(policy) if has_uncond else None
-        if negative is not None and not self._has_kv(state, ROLE_NEGATIVE_REFERENCE, sigma):
+        negative = scratch.negative_stream if seeing.negative else None
+        if negative is not None and not self._has_kv(scratch, ROLE_NEGATIVE_REFERENCE, sigma):
             rows += negative.rows_for(call)
-        state["rows_appended"] += len(rows)
         return rows
 
     # -------------------------------------------------------------- attention
     def _reference_kv(self, call: AttentionCall, role: str, k, v):
         """Reference K/V [R, N, D] of this layer at this sigma: from this call's rows (kept for
         the step), else kept from an earlier call at the same sigma, else None."""
-        state = call.run.state(self)
+        scratch: _Scratch = call.run.scratch(self)
         sigma = call.sigma_value
         rows = call.layout.indices(role, self.name)
         if rows:
@@ -155,35 +147,32 @@ class ReferenceAttentionControl(AttentionControl):
             # Kept for a later call at this sigma only when this call does not hold the whole
             # CFG step (cond and uncond in separate calls): saves the memory otherwise.
             if not (call.layout.has(ROLE_COND) and call.layout.has(ROLE_UNCOND)):
-                entry = state["kv"].get(role)
-                if entry is None or entry[0] != sigma:
-                    entry = (sigma, {})
-                    state["kv"][role] = entry
-                entry[1][call.layer.key] = kv
+                entry = scratch.kv.get(role)
+                if entry is None or entry.sigma != sigma:
+                    entry = scratch.kv[role] = _StepKV(sigma)
+                entry.by_layer[call.layer.key] = kv
             return kv
-        entry = state["kv"].get(role)
-        if entry is not None and abs(entry[0] - sigma) <= 1e-6 * max(1.0, abs(sigma)):
-            return entry[1].get(call.layer.key)
+        entry = scratch.kv.get(role)
+        if entry is not None and _same_sigma(entry.sigma, sigma):
+            return entry.by_layer.get(call.layer.key)
         return None
 
     def _groups(self, call: AttentionCall, k, v):
-        """(target rows, reference K, reference V) per group of rows that see an image prompt."""
-        policy = get_policy(call.extra_options)
-        layout = call.layout
-        cond, uncond = layout.indices(ROLE_COND), layout.indices(ROLE_UNCOND)
+        """(target rows, (reference K, reference V)) per group of rows that see an image prompt
+        (``Row.image_prompt`` under the run's policy)."""
+        seeing = call.run.image_prompt_rows(call.layout)
         ref = self._reference_kv(call, ROLE_REFERENCE, k, v)
         groups = []
-        if policy.mode == BOTH:
-            targets = sorted(cond + uncond)
-            if targets and ref is not None:
-                groups.append((targets, ref))
-        else:
-            if cond and ref is not None:
-                groups.append((cond, ref))
-            if policy.mode == NEGATIVE_IMAGE and uncond:
-                negative = self._reference_kv(call, ROLE_NEGATIVE_REFERENCE, k, v)
-                if negative is not None:
-                    groups.append((uncond, negative))
+        if call.run.policy.mode == BOTH:
+            if seeing.all and ref is not None:
+                groups.append((seeing.all, ref))
+            return groups
+        if seeing.positive and ref is not None:
+            groups.append((seeing.positive, ref))
+        if seeing.negative and call.run.policy.mode == NEGATIVE_IMAGE:
+            negative = self._reference_kv(call, ROLE_NEGATIVE_REFERENCE, k, v)
+            if negative is not None:
+                groups.append((seeing.negative, negative))
         return groups
 
     def attend(self, call: AttentionCall, q, k, v, attend_next):
@@ -193,10 +182,10 @@ class ReferenceAttentionControl(AttentionControl):
         groups = self._groups(call, k, v)
         if not groups:
             return attend_next(q, k, v)
-        plain = _plain_attention(call)
+        plain = call.plain
         targets = sorted(i for rows, _ in groups for i in rows)
         others = [i for i in range(q.shape[0]) if i not in set(targets)]
-        if mode == fs.STRATIFIED or not getattr(call, "exclusive", False):
+        if mode == fs.STRATIFIED or not call.exclusive:
             # Every row's own attention through the rest of the chain; Stratified Attention
             # reuses it for the target rows' λG term.
             out = attend_next(q, k, v)

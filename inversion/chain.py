@@ -25,7 +25,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from ..attention.cover_crop import cover_crop
 
 # Relative tolerance for "this sigma is a node of the schedule"
 _NODE_RTOL = 1e-4
@@ -116,25 +117,15 @@ class InvertedChain:
 
     # ---------------------------------------------------------------- resize
     def resized(self, height: int, width: int) -> "InvertedChain":
-        """This chain at another latent size (policy for a reference whose size differs
-        from the target's): scale to cover the target keeping the aspect ratio, centre
-        crop, nearest-exact sampling. Nearest sampling keeps every value a value of the
-        chain, so the per-pixel noise statistics of each noisy latent are unchanged
-        (bilinear would average the noise and shrink its variance)."""
-        h, w = self.latents.shape[-2:]
-        if (h, w) == (height, width):
+        """This chain at another latent size (policy for a reference whose size differs from the
+        target's): ``attention.cover_crop`` (cover, centre crop, nearest-exact, so the per-pixel
+        noise statistics of each noisy latent are unchanged)."""
+        if tuple(self.latents.shape[-2:]) == (height, width):
             return self
         cached = self._resized.get((height, width))
         if cached is not None:
             return cached
-        scale = max(height / h, width / w)
-        sh, sw = max(height, round(h * scale)), max(width, round(w * scale))
-        n, b, c = self.latents.shape[:3]
-        flat = self.latents.reshape(n * b, c, h, w)
-        up = F.interpolate(flat.float(), size=(sh, sw), mode="nearest-exact").to(flat.dtype)
-        top, left = (sh - height) // 2, (sw - width) // 2
-        cropped = up[..., top:top + height, left:left + width].reshape(n, b, c, height, width)
-        chain = InvertedChain(self.sigmas, cropped)
+        chain = InvertedChain(self.sigmas, cover_crop(self.latents, (height, width)))
         self._resized[(height, width)] = chain
         return chain
 

@@ -23,6 +23,8 @@ import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
 from ..patching import keys
+from ..patching.model_info import context_dim, model_family
+from ..patching.patch import add_outermost_wrapper, without_controls
 from .chain import InvertedChain
 from .ddim import ddim_step, eps_from_denoised, inversion_input_scale
 from .result import InversionResult
@@ -55,14 +57,6 @@ def inversion_sigmas(model, steps: int, scheduler: str) -> torch.Tensor:
     ms = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu()
     return torch.flip(sigmas, dims=(0,))
-
-
-def model_family(model) -> str:
-    return type(model.model.model_config).__name__
-
-
-def context_dim(model) -> int:
-    return int(model.model.model_config.unet_config.get("context_dim") or 0)
 
 
 def empty_conditioning(model):
@@ -153,17 +147,6 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _plain_model(model):
-    """A clone without this pack's controls: the inversion is a plain pass of the model."""
-    m = model.clone()
-    to = m.model_options.setdefault("transformer_options", {})
-    to.pop(keys.CONTROLS, None)
-    to.pop(keys.IMAGE_PROMPT_POLICY, None)
-    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, keys.WRAPPER)
-    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, keys.WRAPPER)
-    return m
-
-
 def _capture_wrapper(record: dict):
     """APPLY_MODEL wrapper recording the per-row inputs of the first call, so the
     reference row later gets exactly the context/conds the inversion used."""
@@ -225,11 +208,10 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
             return hit, True
 
     record: dict = {}
-    plain = _plain_model(model)
+    # The inversion is a plain pass of the model (other nodes' patches kept, the pack's removed).
+    plain = without_controls(model)
     # Outermost APPLY_MODEL wrapper: it records what the model is given, whatever other wrappers do.
-    wrappers = plain.model_options["transformer_options"].setdefault("wrappers", {})
-    wrappers[WrappersMP.APPLY_MODEL] = {_CAPTURE_KEY: [_capture_wrapper(record)],
-                                        **wrappers.get(WrappersMP.APPLY_MODEL, {})}
+    add_outermost_wrapper(plain, WrappersMP.APPLY_MODEL, _CAPTURE_KEY, _capture_wrapper(record))
     progress = comfy.utils.ProgressBar(steps)
     sigma_data = float(getattr(model.get_model_object("model_sampling"), "sigma_data", 1.0))
     sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
@@ -249,6 +231,7 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
         prediction=prediction,
         key=key,
         latent_format=latent_format,
+        model_sampling=model.get_model_object("model_sampling"),
     )
     if use_cache:
         _store(model, key, result)

@@ -37,6 +37,8 @@ class InversionResult:
     key: str = ""
     # ComfyUI LatentFormat of the model (process_in/process_out), for LATENT outputs
     latent_format: Any = None
+    # the model's ComfyUI model_sampling (noise scaling, sigma range), for starting latents
+    model_sampling: Any = None
 
     @property
     def batch(self) -> int:

@@ -7,25 +7,19 @@ fine layers, a semantic one to the coarse layers); each has its own per-layer we
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import comfy.ldm.modules.attention as comfy_attention
 import torch
 
 from ..attention.cross_attention import image_attention_sum, joint_attention
 from ..attention.layers import resolve_weight_spec
-from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_UNCOND
+from ..attention.step_window import ALWAYS, StepWindow
 from ..patching.control import AttentionCall, AttentionControl
-from ..patching.image_prompt_policy import BOTH, POSITIVE_ONLY, get_policy
+from ..patching.image_prompt_policy import BOTH, POSITIVE_ONLY
 from .model import ImageTokens
 
 MODES = ("decoupled", "joint")
-# Rows that see the image prompt: the sampler's branches and a control's condition
-# row (ROLE_CONDITION, e.g. MCA-Ctrl's condition stream). E-commerce condition guidance
-# adds no row: it projects the preset text's K/V directly (ipadapter.guidance).
-_IMAGE_ROLES = (ROLE_COND, ROLE_UNCOND, ROLE_CONDITION)
 
 
 @dataclass(frozen=True)
@@ -41,24 +35,32 @@ class Reference:
     encode: Optional[Callable] = None
 
 
-def in_window(sigma: float, sigma_start: float, sigma_end: float) -> bool:
-    """Active while ``sigma_end <= sigma <= sigma_start`` (sigmas fall during sampling)."""
-    return sigma_end <= sigma <= sigma_start
+@dataclass
+class _Scratch:
+    # per reference: layer key -> weight
+    weights: list[dict]
+    # per reference: the negative branch's tokens under the run's policy (None: no image prompt)
+    negative_tokens: list
+    # (layer key, reference, "cond"/"uncond", device, dtype) -> the layer's image (K, V)
+    kv: dict = field(default_factory=dict)
 
 
 class IPAdapterControl(AttentionControl):
+    """Image prompt tokens in cross-attention on the rows that see an image prompt
+    (``Row.image_prompt``: the positive branch, the negative one as the policy says, and any
+    extra row a control marks so), during ``window`` (a step window of the run)."""
+
     kind = "attn2"
 
     def __init__(self, layer_kv: dict, references: tuple[Reference, ...], mode: str = "decoupled",
-                 sigma_start: float = math.inf, sigma_end: float = 0.0):
+                 window: StepWindow = ALWAYS):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"IP-Adapter: expected mode one of {MODES}, got '{mode}'")
         self.layer_kv = layer_kv
         self.references = tuple(references)
         self.mode = mode
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
+        self.window = window
 
     def layer_weights(self, layers) -> list[dict]:
         """Per reference: layer key -> weight (reference weight x spec weight)."""
@@ -72,17 +74,12 @@ class IPAdapterControl(AttentionControl):
         return tuple(layer for layer in layers if layer.kind == "attn2" and layer.key in self.layer_kv
                      and any(w.get(layer.key, 0.0) != 0 for w in weights))
 
-    def start_run(self, run) -> None:
-        state = run.state(self)
-        state["weights"] = self.layer_weights(run.layers)
-        state["kv"] = {}
+    def start_run(self, run) -> _Scratch:
         # The negative branch's tokens per reference, by the image-prompt policy:
         # positive_only -> none; both -> the same image prompt; negative_image -> the
         # policy's negative image, or without one IP-Adapter's own trained negative (the
         # tokens of an empty image: zero embeddings / a black image).
-        options = run.model_patcher.model_options.get("transformer_options", {})
-        policy = get_policy(options)
-        state["policy"] = policy.mode
+        policy = run.policy
         negatives = []
         for ref in self.references:
             if policy.mode == POSITIVE_ONLY:
@@ -93,51 +90,34 @@ class IPAdapterControl(AttentionControl):
                 negatives.append(ref.encode(policy.negative_image).cond)
             else:
                 negatives.append(ref.tokens.uncond)
-        state["negative_tokens"] = negatives
+        return _Scratch(weights=self.layer_weights(run.layers), negative_tokens=negatives)
 
     def _image_kv(self, run, key, ref_index: int, which: str, like: torch.Tensor):
         """This layer's image K/V of one reference (``[1, T, inner]``), cached for the run."""
-        cache = run.state(self).setdefault("kv", {})
+        scratch: _Scratch = run.scratch(self)
         entry = (key, ref_index, which, like.device, like.dtype)
-        if entry not in cache:
+        if entry not in scratch.kv:
             if which == "uncond":
-                tokens = run.state(self)["negative_tokens"][ref_index]
+                tokens = scratch.negative_tokens[ref_index]
             else:
                 tokens = self.references[ref_index].tokens.cond
             tokens = tokens.to(like.device, torch.float32)
             w_k, w_v = self.layer_kv[key]
             k = tokens @ w_k.to(like.device, torch.float32).t()
             v = tokens @ w_v.to(like.device, torch.float32).t()
-            cache[entry] = (k.to(like.dtype), v.to(like.dtype))
-        return cache[entry]
-
-    def _plain(self, call: AttentionCall):
-        plain = getattr(call, "plain", None)
-        if plain is not None:
-            return plain
-        heads, options = call.heads, call.extra_options
-
-        def attend(q, k, v, mask=None):
-            return comfy_attention.optimized_attention(q, k, v, heads, mask=mask,
-                                                       attn_precision=options.get("attn_precision"),
-                                                       transformer_options=options)
-
-        return attend
+            scratch.kv[entry] = (k.to(like.dtype), v.to(like.dtype))
+        return scratch.kv[entry]
 
     def attend(self, call: AttentionCall, q, k, v, attend_next):
-        if not in_window(call.sigma_value, self.sigma_start, self.sigma_end):
+        if not call.active(self.window):
             return attend_next(q, k, v)
-        state = call.run.state(self)
-        weights = [w.get(call.layer.key, 0.0) for w in state["weights"]]
+        scratch: _Scratch = call.run.scratch(self)
+        weights = [w.get(call.layer.key, 0.0) for w in scratch.weights]
         live = [i for i, w in enumerate(weights) if w != 0]
-        # Which rows get which tokens: by role, never by position. Under the positive-only
-        # (conflict-free) policy the negative branch gets no image tokens at all.
-        skip_uncond = state["policy"] == POSITIVE_ONLY
-        groups: dict[str, list[int]] = {"cond": [], "uncond": []}
-        for index, row in enumerate(call.layout.rows):
-            if row.role not in _IMAGE_ROLES or (row.role == ROLE_UNCOND and skip_uncond):
-                continue
-            groups["uncond" if row.role == ROLE_UNCOND else "cond"].append(index)
+        # Which rows get which tokens: by the rows' own image_prompt, never by position or role.
+        # Under the positive-only (conflict-free) policy the negative branch gets no image tokens.
+        rows = call.run.image_prompt_rows(call.layout)
+        groups = {"cond": rows.positive, "uncond": rows.negative}
         if not live or not (groups["cond"] or groups["uncond"]):
             return attend_next(q, k, v)
         if self.mode == "decoupled":
@@ -161,7 +141,7 @@ class IPAdapterControl(AttentionControl):
         rows, images = self._row_images(call, groups, live, weights, q)
         index = torch.as_tensor(rows, dtype=torch.long, device=q.device)
         q_rows = q.index_select(0, index)
-        extra = image_attention_sum(q_rows, images, self._plain(call))
+        extra = image_attention_sum(q_rows, images, call.plain)
         out = out.clone()
         out[index] = out[index] + extra.to(out.dtype)
         return out
@@ -175,14 +155,14 @@ class IPAdapterControl(AttentionControl):
         # so it runs on all of them and the image rows are then replaced by their joint
         # attention (plain attention over text + image keys).
         index = torch.as_tensor(rows, dtype=torch.long, device=q.device)
-        joint = joint_attention(q[index], k[index], v[index], images, self._plain(call))
-        if getattr(call, "exclusive", False):
+        joint = joint_attention(q[index], k[index], v[index], images, call.plain)
+        if call.exclusive:
             # Nothing else acts on this layer: plain attention on the other rows is
             # exactly what the chain would give them, without recomputing the image rows.
             others = torch.as_tensor([r for r in range(q.shape[0]) if r not in set(rows)], dtype=torch.long,
                                      device=q.device)
             out = q.new_empty(q.shape[:2] + (v.shape[-1],))
-            out[others] = self._plain(call)(q[others], k[others], v[others]).to(out.dtype)
+            out[others] = call.plain(q[others], k[others], v[others]).to(out.dtype)
         else:
             out = attend_next(q, k, v).clone()
         out[index] = joint.to(out.dtype)

@@ -4,7 +4,7 @@ target's self-attention.
 Rows of a UNet call while MCA-Ctrl is active (paper, "Overall Architecture"):
 
 - target: the sampler's own rows (cond / uncond, any batch size); starts from the
-  condition stream's initial latent (``initial_noise``);
+  condition stream's initial latent (``start_latent``);
 - subject: one row, the inverted subject image at the call's sigma (no CFG);
 - condition: one row, the inverted scene (replacement / addition), or one row per
   batch item generated from the target's noise with its own prompt (generation).
@@ -16,7 +16,7 @@ scheduled steps no row is appended and every layer runs plain attention.
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,12 +24,13 @@ import torch
 from ..attention import mca_ctrl as mca
 from ..attention.cross_attention import word_attention_map
 from ..attention.layers import select_layers
-from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
-from ..inversion.result import InversionResult
+from ..attention.rows import PROMPT_POSITIVE, ROLE_CONDITION, ROLE_SUBJECT
+from ..attention.token_grid import token_grid
 from ..inversion.stream import InvertedStream
 from ..patching.control import AttentionControl
-from ..patching.image_prompt_policy import BOTH, get_policy
+from ..patching.image_prompt_policy import BOTH
 from ..patching.prompt_tokens import expand_positions
+from .config import Masks, Schedule, Streams
 from .streams import GeneratedStream
 
 logger = logging.getLogger("qkv_control")
@@ -37,14 +38,14 @@ logger = logging.getLogger("qkv_control")
 NAME = "MCA-Ctrl"
 
 
-def target_roles(transformer_options) -> tuple[str, ...]:
-    """Sampler rows MCA-Ctrl controls, by the image-prompt guidance policy: the positive
-    branch always; the negative branch too under ``both`` (the official code's setting).
-    Under ``positive_only`` (the default, conflict-free) and ``negative_image`` (MCA-Ctrl
-    has no negative subject) the negative rows run plain attention."""
-    if get_policy(transformer_options).mode == BOTH:
-        return (ROLE_COND, ROLE_UNCOND)
-    return (ROLE_COND,)
+def target_rows(run, layout) -> list[int]:
+    """Sampler rows MCA-Ctrl controls: those that see the image prompt (``Row.image_prompt``)
+    under the run's policy. The positive branch always; the negative branch too under ``both``
+    (the official code's setting). Under ``positive_only`` (the default, conflict-free) and
+    ``negative_image`` (MCA-Ctrl has no negative subject) the negative rows run plain attention."""
+    seeing = run.image_prompt_rows(layout)
+    rows = seeing.all if run.policy.mode == BOTH else seeing.positive
+    return [i for i in rows if layout.rows[i].is_sampler_row]
 
 
 def _check_aspect(label, mask, latent_hw, what, image) -> None:
@@ -57,72 +58,85 @@ def _check_aspect(label, mask, latent_hw, what, image) -> None:
                          f"pixels, H x W), got a {mh}x{mw} mask")
 
 
-class MCACtrl(AttentionControl):
-    """Configuration of one MCA-Ctrl application (immutable); run state in ``run.state(self)``.
+@dataclass
+class _AutoCapture:
+    """The automatic mask being summed over the layers of one step."""
 
-    subject:          InversionResult of the subject image (one image)
-    subject_mask:     MASK [1, H, W] of the subject's foreground on the subject image (M_S)
-    region_mask:      MASK [1 or B, H, W] of where the subject goes in the target / scene
-                      (1 - M_C); None = automatic (generation only)
-    condition:        InversionResult of the scene (replacement / addition), or None
-    condition_context: [1, T, D] text context of the generated condition stream (generation)
-    condition_cfg:    CFG of the generated condition stream (1 = one row per image and step;
-                      above 1 a second row runs the target's negative prompt)
-    subject_tokens:   token indices of the subject word in the condition prompt (automatic mask)
+    step: int
+    grid: tuple[int, int]
+    sum: torch.Tensor       # [items, N] summed word maps
+    count: int = 1
+
+
+@dataclass
+class _Scratch:
+    phase_layers: dict                        # phase -> frozenset of layer keys
+    auto_layers: frozenset                    # cross-attention layers of the automatic mask
+    anchors: dict = field(default_factory=dict)       # generated condition stream, per item
+    masks: dict = field(default_factory=dict)         # (latent hw, tokens, version) -> LayerMasks
+    latent_masks: dict = field(default_factory=dict)  # latent hw -> (subject [1,1,H,W], region or None)
+    auto: Optional[_AutoCapture] = None               # automatic mask of the current step
+    auto_region: Optional[tuple] = None               # (grid, region [items, N]) in use
+    auto_version: int = 0
+    warned: set = field(default_factory=set)
+
+
+def new_scratch(phase_layers=None, auto_layers=frozenset()) -> _Scratch:
+    """An empty scratch space (also for calling the mask helpers outside a run)."""
+    return _Scratch(phase_layers=phase_layers or {}, auto_layers=auto_layers)
+
+
+class MCACtrl(AttentionControl):
+    """Configuration of one MCA-Ctrl application (immutable); run state in ``run.scratch(self)``.
+
+    streams:  the subject inversion and the scene inversion or a generated condition prompt
+    masks:    the subject mask, the target mask (or the automatic one), dilations
+    schedule: SAGI/SALQ phases and their layers
     """
 
     kind = "attn1"
 
-    def __init__(self, subject: InversionResult, subject_mask: torch.Tensor,
-                 region_mask: Optional[torch.Tensor] = None,
-                 condition: Optional[InversionResult] = None,
-                 condition_context: Optional[torch.Tensor] = None,
-                 condition_conds: Optional[dict] = None,
-                 schedule: mca.PhaseSchedule = mca.PhaseSchedule(),
-                 salq_layers: str = "all", sagi_layers: str = "all",
-                 subject_dilation: int = 3, region_dilation: int = 0,
-                 subject_tokens: Optional[list[int]] = None,
-                 auto_mask_layers: str = "level:2", auto_mask_fraction: float = 0.3,
-                 condition_cfg: float = 1.0, label: str = NAME):
+    def __init__(self, streams: Streams, masks: Masks, schedule: Schedule = Schedule(), label: str = NAME):
         super().__init__()
+        subject, scene, prompt = streams.subject, streams.scene, streams.prompt
         if subject.batch != 1:
             raise ValueError(f"{label}: expected one subject image, got a batch of {subject.batch}")
-        if (condition is None) == (condition_context is None):
+        if (scene is None) == (prompt is None):
             raise ValueError(f"{label}: expected either a scene inversion or a condition prompt, got "
-                             f"{'both' if condition is not None else 'neither'}")
-        if condition is not None and condition.batch != 1:
-            raise ValueError(f"{label}: expected one scene image, got a batch of {condition.batch}")
-        if region_mask is None and (condition is not None or not subject_tokens):
+                             f"{'both' if scene is not None else 'neither'}")
+        if scene is not None and scene.batch != 1:
+            raise ValueError(f"{label}: expected one scene image, got a batch of {scene.batch}")
+        if masks.region is None and (scene is not None or masks.auto is None or not masks.auto.subject_tokens):
             raise ValueError(f"{label}: expected a target mask (or, for generation, a subject word found in "
                              f"the condition prompt for the automatic mask), got neither")
-        mask = mca.as_mask_batch(subject_mask)
-        if mask.shape[0] != 1:
-            raise ValueError(f"{label}: expected one subject mask, got a batch of {mask.shape[0]}")
-        if float(mask.max()) <= 0:
+        subject_mask = mca.as_mask_batch(masks.subject)
+        if subject_mask.shape[0] != 1:
+            raise ValueError(f"{label}: expected one subject mask, got a batch of {subject_mask.shape[0]}")
+        if float(subject_mask.max()) <= 0:
             raise ValueError(f"{label}: expected a subject mask with a foreground, got an empty mask")
-        _check_aspect(label, mask, subject.chain.latent_shape[1:], "subject mask", "subject image")
-        if region_mask is not None and condition is not None:
-            _check_aspect(label, mca.as_mask_batch(region_mask), condition.chain.latent_shape[1:],
+        _check_aspect(label, subject_mask, subject.chain.latent_shape[1:], "subject mask", "subject image")
+        if masks.region is not None and scene is not None:
+            _check_aspect(label, mca.as_mask_batch(masks.region), scene.chain.latent_shape[1:],
                           "target mask", "scene image")
-        self.subject = subject
-        self.subject_mask = mask
-        self.region_mask = None if region_mask is None else mca.as_mask_batch(region_mask)
-        self.condition = condition
-        self.generated = None
-        if condition_context is not None:
-            self.generated = GeneratedStream(condition_context, condition_conds, cfg=condition_cfg)
+        if masks.auto is not None and not 0.0 < masks.auto.fraction <= 1.0:
+            raise ValueError(f"{label}: expected an automatic-mask share in (0, 1], got {masks.auto.fraction}")
+        self.streams = streams
+        self.masks = masks
         self.schedule = schedule
-        self.salq_layers = salq_layers
-        self.sagi_layers = sagi_layers
-        self.subject_dilation = int(subject_dilation)
-        self.region_dilation = int(region_dilation)
-        self.subject_tokens = list(subject_tokens or [])
-        self.auto_mask_layers = auto_mask_layers
-        self.auto_mask_fraction = float(auto_mask_fraction)
         self.label = label
+        self.subject_mask = subject_mask
+        self.region_mask = None if masks.region is None else mca.as_mask_batch(masks.region)
+        self.generated = None if prompt is None else GeneratedStream(prompt.context, prompt.conds, cfg=prompt.cfg)
         self.subject_stream = InvertedStream(subject, ROLE_SUBJECT, f"{label} subject")
-        self.condition_stream = None if condition is None else InvertedStream(condition, ROLE_CONDITION,
-                                                                               f"{label} scene")
+        self.condition_stream = None if scene is None else InvertedStream(scene, ROLE_CONDITION, f"{label} scene")
+
+    @property
+    def subject(self):
+        return self.streams.subject
+
+    @property
+    def condition(self):
+        return self.streams.scene
 
     # ------------------------------------------------------------------ layers
     @property
@@ -131,7 +145,7 @@ class MCACtrl(AttentionControl):
 
     def _auto_layers(self, layers):
         try:
-            return select_layers(self.auto_mask_layers, layers, "attn2")
+            return select_layers(self.masks.auto.layers, layers, "attn2")
         except ValueError:
             # The model has no cross-attention at that level: take its coarsest one.
             attn2 = [layer for layer in layers if layer.kind == "attn2"]
@@ -139,10 +153,9 @@ class MCACtrl(AttentionControl):
             return tuple(layer for layer in attn2 if layer.level == coarsest)
 
     def _phase_layers(self, layers) -> dict[str, frozenset]:
-        return {
-            mca.PHASE_SALQ: frozenset(layer.key for layer in select_layers(self.salq_layers, layers, "attn1")),
-            mca.PHASE_SAGI: frozenset(layer.key for layer in select_layers(self.sagi_layers, layers, "attn1")),
-        }
+        spec = {mca.PHASE_SALQ: self.schedule.salq_layers, mca.PHASE_SAGI: self.schedule.sagi_layers}
+        return {phase: frozenset(layer.key for layer in select_layers(s, layers, "attn1"))
+                for phase, s in spec.items()}
 
     def select_layers(self, layers):
         by_phase = self._phase_layers(layers)
@@ -153,70 +166,44 @@ class MCACtrl(AttentionControl):
         return chosen
 
     # --------------------------------------------------------------------- run
-    def start_run(self, run) -> None:
-        st = run.state(self)
-        st["phase_layers"] = self._phase_layers(run.layers)
-        st["auto_layers"] = frozenset(layer.key for layer in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
-        st["steps"] = max(int(run.sample_sigmas.shape[-1]) - 1, 1)
-        st["anchors"] = {}       # generated condition stream, per item
-        st["masks"] = {}         # (latent hw, tokens, region version) -> LayerMasks
-        st["latent_masks"] = {}  # latent hw -> (subject [1,1,H,W], region [B,1,H,W] or None)
-        st["auto"] = None        # automatic mask of the current step: step, grid, summed map [items, N], count
-        st["auto_region"] = None  # (grid, region [items, N]) in use
-        st["auto_version"] = 0
-        st["warned"] = set()
-
-    def end_run(self, run) -> None:
-        run.state(self).clear()
+    def start_run(self, run) -> _Scratch:
+        auto = frozenset(layer.key for layer in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
+        return new_scratch(self._phase_layers(run.layers), auto)
 
     def phase(self, run, sigma: float) -> str:
-        st = run.state(self)
-        return self.schedule.phase(run.step_index(sigma), st["steps"])
+        return self.schedule.phases.phase(run.clock.step(sigma), run.clock.steps)
 
-    def initial_noise(self, run, noise: torch.Tensor) -> torch.Tensor:
+    def start_latent(self, run, noise: torch.Tensor) -> Optional[torch.Tensor]:
         """Replacement / addition: the target starts from the scene's inverted latent at the
-        run's first sigma (paper: the target shares the condition's initial features).
-        ComfyUI starts from ``latent + noise * scale(sigma_0)``; solve for the noise."""
-        if self.condition is None or run.sample_sigmas is None or noise is None:
-            return noise
-        sigma0 = float(run.sample_sigmas[0])
-        if sigma0 <= 0:
-            return noise
-        height, width = noise.shape[-2:]
+        run's first sigma (paper: the target shares the condition's initial features)."""
+        if self.condition is None:
+            return None
         if noise.shape[1] != self.condition.latent_channels:
             raise ValueError(f"{self.label}: expected {self.condition.latent_channels}-channel latents "
                              f"(the scene inversion's), got {noise.shape[1]}")
-        start = self.condition.chain.resized(height, width).latent_at(sigma0).to(noise)
-        latent = run.latent_image
-        if latent is not None and torch.count_nonzero(latent) > 0:
-            latent_in = run.model_patcher.model.process_latent_in(latent.to(noise))
-        else:
-            latent_in = torch.zeros_like(noise)
-        ms = run.model_patcher.get_model_object("model_sampling")
-        sigma_max = float(ms.sigma_max)
-        max_denoise = math.isclose(sigma_max, sigma0, rel_tol=1e-05) or sigma0 > sigma_max
-        scale = math.sqrt(1.0 + sigma0 ** 2) if max_denoise else sigma0
-        return (start.expand_as(noise) - latent_in) / scale
+        height, width = noise.shape[-2:]
+        return self.condition.chain.resized(height, width).latent_at(run.clock.first_sigma)
 
     # -------------------------------------------------------------------- rows
     def extra_rows(self, call):
         run = call.run
         if self.phase(run, call.sigma_value) == mca.PHASE_NONE:
             return []
-        roles = target_roles(call.transformer_options)
-        if not any(call.layout.has(role) for role in roles):
+        if not target_rows(run, call.layout):
             return []
         rows = self.subject_stream.rows_for(call)
         if self.condition_stream is not None:
             rows += self.condition_stream.rows_for(call)
         else:
             items = sorted({row.item for row in call.layout.rows if row.is_sampler_row})
-            rows += self.generated.rows_for(call, run.state(self)["anchors"], items)
+            # The generated condition stream is a text-to-image stream like the target: it sees
+            # the positive image prompt of other controls (an IP-Adapter on the model).
+            rows += self.generated.rows_for(call, run.scratch(self).anchors, items, image_prompt=PROMPT_POSITIVE)
         return rows
 
     # -------------------------------------------------------------------- masks
-    def _latent_masks(self, st, latent_hw):
-        cached = st["latent_masks"].get(latent_hw)
+    def _latent_masks(self, st: _Scratch, latent_hw):
+        cached = st.latent_masks.get(latent_hw)
         if cached is None:
             subject_hw = tuple(self.subject.chain.latent_shape[1:])
             subject = mca.fit_mask(self.subject_mask, subject_hw, latent_hw)
@@ -231,57 +218,57 @@ class MCACtrl(AttentionControl):
             if self.region_mask is not None:
                 scene_hw = tuple(self.condition.chain.latent_shape[1:]) if self.condition is not None else latent_hw
                 region = mca.fit_mask(self.region_mask, scene_hw, latent_hw)
-                if float(region.max()) <= 0 and "empty" not in st["warned"]:
-                    st["warned"].add("empty")
+                if float(region.max()) <= 0 and "empty" not in st.warned:
+                    st.warned.add("empty")
                     logger.warning("%s: the target mask is empty; the scene is reconstructed unchanged", self.label)
             cached = (subject, region)
-            st["latent_masks"][latent_hw] = cached
+            st.latent_masks[latent_hw] = cached
         return cached
 
-    def _layer_masks(self, st, latent_hw, n_tokens) -> Optional[mca.LayerMasks]:
-        version = st["auto_version"] if self.automatic_mask else 0
+    def _layer_masks(self, st: _Scratch, latent_hw, n_tokens) -> Optional[mca.LayerMasks]:
+        version = st.auto_version if self.automatic_mask else 0
         key = (latent_hw, n_tokens, version)
-        masks = st["masks"].get(key)
+        masks = st.masks.get(key)
         if masks is not None:
             return masks
         subject, region = self._latent_masks(st, latent_hw)
         if region is None:
-            if st["auto_region"] is None:
+            if st.auto_region is None:
                 return None
-            grid, region_tokens = st["auto_region"]
-            layer_grid = mca.token_grid(latent_hw, n_tokens)
+            grid, region_tokens = st.auto_region
+            layer_grid = token_grid(latent_hw, n_tokens)
             region_tokens = mca.resize_tokens(region_tokens, grid, layer_grid)
             region = region_tokens.view(-1, 1, *layer_grid)
-        masks = mca.layer_masks(subject, region, latent_hw, n_tokens, self.subject_dilation, self.region_dilation)
-        st["masks"] = {k: v for k, v in st["masks"].items() if k[2] == version}
-        st["masks"][key] = masks
+        masks = mca.layer_masks(subject, region, latent_hw, n_tokens, self.masks.subject_dilation,
+                                self.masks.region_dilation)
+        st.masks = {k: v for k, v in st.masks.items() if k[2] == version}
+        st.masks[key] = masks
         return masks
 
-    def _capture_word_map(self, call, st, q, k, condition_rows) -> None:
+    def _capture_word_map(self, call, st: _Scratch, q, k, condition_rows) -> None:
         """Automatic target mask (official code): top 30% of the subject word's cross-attention
         of the condition stream at 16x16, summed over that level's layers of a step. Until a
         step has seen all of them, the previous step's complete mask stays in use."""
-        heads = call.heads
-        tokens = expand_positions(self.subject_tokens, self.generated.context.shape[1], k.shape[1])
+        auto = self.masks.auto
+        tokens = expand_positions(list(auto.subject_tokens), self.generated.context.shape[1], k.shape[1])
         if not tokens:
             return
         rows = torch.tensor(condition_rows, device=q.device)
-        word_map = word_attention_map(q.index_select(0, rows), k.index_select(0, rows), heads, tokens)
+        word_map = word_attention_map(q.index_select(0, rows), k.index_select(0, rows), call.heads, tokens)
         latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
-        grid = mca.token_grid(latent_hw, q.shape[1])
-        step = call.run.step_index(call.sigma_value)
-        auto = st["auto"]
-        if auto is not None and auto["step"] == step and auto["grid"] == grid and auto["sum"].shape == word_map.shape:
-            auto["sum"] = auto["sum"] + word_map
-            auto["count"] += 1
+        grid = token_grid(latent_hw, q.shape[1])
+        step = call.run.clock.step(call.sigma_value)
+        capture = st.auto
+        if capture is not None and capture.step == step and capture.grid == grid and capture.sum.shape == word_map.shape:
+            capture.sum = capture.sum + word_map
+            capture.count += 1
         else:
-            auto = {"step": step, "grid": grid, "sum": word_map, "count": 1}
-            st["auto"] = auto
-        complete = auto["count"] >= len(st["auto_layers"])
-        if complete or st["auto_region"] is None or st["auto_region"][0] != grid:
-            region = mca.top_fraction_mask(auto["sum"], self.auto_mask_fraction)  # rank-based: no normalisation needed
-            st["auto_region"] = (grid, region.cpu())
-            st["auto_version"] += 1
+            capture = st.auto = _AutoCapture(step, grid, word_map)
+        complete = capture.count >= len(st.auto_layers)
+        if complete or st.auto_region is None or st.auto_region[0] != grid:
+            region = mca.top_fraction_mask(capture.sum, auto.fraction)  # rank-based: no normalisation needed
+            st.auto_region = (grid, region.cpu())
+            st.auto_version += 1
 
     # ---------------------------------------------------------------- attention
     def attend(self, call, q, k, v, attend_next):
@@ -289,17 +276,15 @@ class MCACtrl(AttentionControl):
         condition_rows = call.rows(ROLE_CONDITION, self.name)
         if not subject_rows or not condition_rows:
             return attend_next(q, k, v)
-        st = call.run.state(self)
+        st: _Scratch = call.run.scratch(self)
         if call.layer.kind == "attn2":
-            if call.layer.key in st["auto_layers"]:
+            if call.layer.key in st.auto_layers:
                 self._capture_word_map(call, st, q, k, condition_rows)
             return attend_next(q, k, v)
         phase = self.phase(call.run, call.sigma_value)
-        if phase == mca.PHASE_NONE or call.layer.key not in st["phase_layers"][phase]:
+        if phase == mca.PHASE_NONE or call.layer.key not in st.phase_layers[phase]:
             return attend_next(q, k, v)
-        layout = call.layout
-        roles = target_roles(call.extra_options)
-        targets = [i for i, row in enumerate(layout.rows) if row.is_sampler_row and row.role in roles]
+        targets = target_rows(call.run, call.layout)
         if not targets:
             return attend_next(q, k, v)
         latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
@@ -315,8 +300,8 @@ class MCACtrl(AttentionControl):
         others = [i for i in range(q.shape[0]) if i not in target_set]
         others_index = torch.tensor(others, device=device)
         targets_index = torch.tensor(targets, device=device)
-        plain = call.plain if call.plain is not None else attend_next
-        if call.exclusive and call.plain is not None:
+        plain = call.plain
+        if call.exclusive:
             # Only the stream rows (and untouched sampler rows) need plain attention.
             out_others = plain(q.index_select(0, others_index), k.index_select(0, others_index),
                                v.index_select(0, others_index))

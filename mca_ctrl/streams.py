@@ -10,7 +10,7 @@ sigma grid) from its own predictions, one row per item and step, no CFG.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -67,7 +67,10 @@ class GeneratedStream:
         return ExtraRow(role=ROLE_CONDITION_NEGATIVE, x=x, context=call.context[index:index + 1], conds=conds,
                         on_output=on_output, item=item)
 
-    def rows_for(self, call: ModelCall, anchors: dict, items: list[int]) -> list[ExtraRow]:
+    def rows_for(self, call: ModelCall, anchors: dict, items: list[int],
+                 image_prompt: Optional[str] = None) -> list[ExtraRow]:
+        """The stream's rows for this call: one per item (and one more per item with CFG).
+        ``image_prompt`` is what the positive rows see (``Row.image_prompt``)."""
         sigma = call.sigma_value
         rows, negatives = [], []
         for item in items:
@@ -78,7 +81,6 @@ class GeneratedStream:
                 anchor = (sigma, call.x[index:index + 1].detach().clone(), None)
                 anchors[item] = anchor
             x = self.latent_at(anchor, sigma).to(call.x)
-            pending: dict = {}
 
             def update(denoised, item=item, x=x, sigma=sigma):
                 current = anchors.get(item)
@@ -89,19 +91,36 @@ class GeneratedStream:
                 anchors[item] = (sigma, x.detach(), denoised.detach().to(x))
 
             negative = None
+            on_output = update
             if self.cfg != 1.0:
-                # The positive row's output waits for the negative one (appended after it).
-                def on_positive(denoised, pending=pending):
-                    pending["positive"] = denoised.detach()
-
-                def on_negative(denoised, pending=pending, update=update):
-                    positive = pending.pop("positive")
-                    update(denoised + self.cfg * (positive - denoised))
-
-                negative = self._negative_row(call, item, x, on_negative)
-            on_output = on_positive if negative is not None else update
+                guided = _GuidedPair(self.cfg, update)
+                negative = self._negative_row(call, item, x, guided.negative)
+                if negative is not None:
+                    on_output = guided.positive
             rows.append(ExtraRow(role=self.role, x=x, context=self.context, conds=dict(self.conds),
-                                 on_output=on_output, item=item))
+                                 on_output=on_output, item=item, image_prompt=image_prompt))
             if negative is not None:
                 negatives.append(negative)
         return rows + negatives
+
+
+class _GuidedPair:
+    """The positive and negative predictions of one CFG'ed stream row, in whichever order they
+    arrive: once both are in, ``done`` gets ``D_neg + cfg (D_pos - D_neg)``."""
+
+    def __init__(self, cfg: float, done: Callable[[torch.Tensor], None]):
+        self.cfg = cfg
+        self.done = done
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def _receive(self, which: str, denoised: torch.Tensor) -> None:
+        self.outputs[which] = denoised.detach()
+        if len(self.outputs) == 2:
+            pos, neg = self.outputs["positive"], self.outputs["negative"]
+            self.done(neg + self.cfg * (pos - neg))
+
+    def positive(self, denoised: torch.Tensor) -> None:
+        self._receive("positive", denoised)
+
+    def negative(self, denoised: torch.Tensor) -> None:
+        self._receive("negative", denoised)

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
-import comfy.sample
 from comfy_api.latest import io
 
-from ..indetail_ip.compat import check_inversion
-from ..inversion.ddim import adain, vp_scale
-from ..inversion.result import INVERSION_TYPE, InversionResult
+from ..indetail_ip.adain_noise import AdaINNoise
+from ..inversion.checks import check_inversion
+from .naming import errors_named
+from .types import Inversion
 
-Inversion = io.Custom(INVERSION_TYPE)
 NAME = "QKV AdaIN Noise"
-
-
-class AdaINNoise:
-    """A NOISE object (SamplerCustomAdvanced): seeded Gaussian noise, AdaIN'd per sample and
-    channel to the inverted z_T (unit-variance VP space, where ComfyUI's noise lives)."""
-
-    def __init__(self, seed: int, inversion: InversionResult):
-        self.seed = seed
-        self.inversion = inversion
-
-    def reference(self):
-        chain = self.inversion.chain
-        return chain.z_top * vp_scale(chain.sigma_max)
-
-    def generate_noise(self, input_latent):
-        samples = input_latent["samples"]
-        noise = comfy.sample.prepare_noise(samples, self.seed, input_latent.get("batch_index"))
-        reference = self.reference()
-        if reference.shape[0] not in (1, noise.shape[0]):
-            reference = reference.mean(dim=0, keepdim=True)
-        return adain(noise, reference)
 
 
 class QKVAdaINNoise(io.ComfyNode):
@@ -61,22 +37,20 @@ class QKVAdaINNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, latent, seed) -> io.NodeOutput:
-        check_inversion(NAME, inversion)
-        samples = latent["samples"]
-        if samples.ndim != 4 or samples.shape[1] != inversion.latent_channels:
-            raise ValueError(f"{NAME}: expected a [B, {inversion.latent_channels}, H, W] latent (the inversion's "
-                             f"channels), got shape {tuple(samples.shape)}")
-        reference = inversion.chain.z_top
-        if reference.shape[0] not in (1, samples.shape[0]):
-            raise ValueError(f"{NAME}: expected 1 reference or as many as the latent batch ({samples.shape[0]}), "
-                             f"got {reference.shape[0]}")
-        noise_source = AdaINNoise(seed, inversion)
-        noise = noise_source.generate_noise(latent)
-        # KSampler scales unit noise by sqrt(1 + sigma^2) at full denoise: start there, in LATENT space.
-        start = noise * math.sqrt(1.0 + inversion.chain.sigma_max ** 2)
-        out = latent.copy()
-        out["samples"] = inversion.latent_out(start)
-        out.pop("noise_mask", None)
+        with errors_named(NAME):
+            check_inversion(NAME, inversion)
+            samples = latent["samples"]
+            if samples.ndim != 4 or samples.shape[1] != inversion.latent_channels:
+                raise ValueError(f"expected a [B, {inversion.latent_channels}, H, W] latent (the inversion's "
+                                 f"channels), got shape {tuple(samples.shape)}")
+            reference = inversion.chain.z_top
+            if reference.shape[0] not in (1, samples.shape[0]):
+                raise ValueError(f"expected 1 reference or as many as the latent batch ({samples.shape[0]}), "
+                                 f"got {reference.shape[0]}")
+            noise_source = AdaINNoise(seed, inversion)
+            out = latent.copy()
+            out["samples"] = noise_source.start_latent(latent)
+            out.pop("noise_mask", None)
         return io.NodeOutput(out, noise_source)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..indetail_ip.compat import check_latent
+from ..inversion.checks import check_latent
 from ..inversion.invert import invert
-from ..inversion.result import INVERSION_TYPE
+from .naming import errors_named
+from .types import Inversion
 
-Inversion = io.Custom(INVERSION_TYPE)
 NAME = "QKV DDIM Inversion"
 
 
@@ -53,10 +53,11 @@ class QKVDDIMInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, steps, scheduler, positive=None) -> io.NodeOutput:
-        check_latent(NAME, model, latent, "reference latent")
-        if positive is not None and len(positive) == 0:
-            raise ValueError(f"{NAME}: expected a CONDITIONING with at least one entry, got an empty list")
-        result, _ = invert(model, latent["samples"], steps, scheduler, positive)
+        with errors_named(NAME):
+            check_latent(NAME, model, latent, "reference latent")
+            if positive is not None and len(positive) == 0:
+                raise ValueError("expected a CONDITIONING with at least one entry, got an empty list")
+            result, _ = invert(model, latent["samples"], steps, scheduler, positive)
         z_t = {"samples": result.latent_out(result.chain.z_top).clone()}
         return io.NodeOutput(result, z_t)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..indetail_ip.compat import check_inversion
-from ..inversion.result import INVERSION_TYPE
+from ..inversion.checks import check_inversion
 from ..patching import keys
 from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE, POSITIVE_ONLY, ImagePromptPolicy
 from ..patching.patch import set_transformer_option
+from .naming import errors_named
+from .types import Inversion
 
-Inversion = io.Custom(INVERSION_TYPE)
 NAME = "QKV Image Prompt Guidance"
 POLICIES = [POSITIVE_ONLY, BOTH, NEGATIVE_IMAGE]
 
@@ -49,14 +49,15 @@ class QKVImagePromptGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, policy, negative_inversion=None, negative_image=None) -> io.NodeOutput:
-        if policy == NEGATIVE_IMAGE:
-            if negative_inversion is None and negative_image is None:
-                raise ValueError(f"{NAME}: expected negative_inversion or negative_image for policy "
-                                 f"'negative_image', got neither")
-            if negative_inversion is not None:
-                check_inversion(NAME, negative_inversion, model, "negative_inversion")
-        value = ImagePromptPolicy(policy, negative_image=negative_image,
-                                  negative_inversion=negative_inversion if policy == NEGATIVE_IMAGE else None)
+        with errors_named(NAME):
+            if policy == NEGATIVE_IMAGE:
+                if negative_inversion is None and negative_image is None:
+                    raise ValueError("expected negative_inversion or negative_image for policy 'negative_image', "
+                                     "got neither")
+                if negative_inversion is not None:
+                    check_inversion(NAME, negative_inversion, model, "negative_inversion")
+            value = ImagePromptPolicy(policy, negative_image=negative_image,
+                                      negative_inversion=negative_inversion if policy == NEGATIVE_IMAGE else None)
         return io.NodeOutput(set_transformer_option(model, keys.IMAGE_PROMPT_POLICY, value))
 
 

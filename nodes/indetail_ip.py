@@ -6,13 +6,14 @@ from comfy_api.latest import io
 
 from ..attention import fusion_schedule as fs
 from ..attention.layers import select_layers
-from ..indetail_ip.compat import check_inversion
+from ..inversion.checks import check_inversion
 from ..indetail_ip.control import DEFAULT_BLOCKS, ReferenceAttentionControl
-from ..inversion.result import INVERSION_TYPE
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
+from .naming import errors_named
+from .step_window_inputs import STEP_FRACTION_MEANING
+from .types import Inversion
 
-Inversion = io.Custom(INVERSION_TYPE)
 NAME = "QKV InDetail-IP Reference Attention"
 
 
@@ -35,9 +36,10 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
                                 tooltip="Self-attention layers to patch, as a block spec: output (decoder, the "
                                         "paper's choice), all, input:4-8, #0-3, level:0-1, ... Prefix '-' excludes."),
                 io.String.Input("schedule", default=fs.DEFAULT_SPEC,
-                                tooltip="Attention fusion: mode per fraction of the sampling steps. Modes: "
-                                        "stratified, concat, replace, none. Paper: 'stratified:0-0.2, concat:0.2-1' "
-                                        "(first 10 of 50 steps); with ControlNet 'stratified:0-0.5, concat:0.5-1'."),
+                                tooltip="Attention fusion: 'mode:start-end, ...' over fractions of the sampling "
+                                        "steps. Modes: stratified, concat, replace, none. Paper: 'stratified:0-0.2, "
+                                        "concat:0.2-1' (first 10 of 50 steps); with ControlNet 'stratified:0-0.5, "
+                                        "concat:0.5-1'. " + STEP_FRACTION_MEANING),
                 io.Float.Input("lambda_reference", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="λP: weight of the attention to the image prompt in Stratified Attention "
                                        "(paper: 0.5, recommended 0.3-0.7). 0 = reference ignored."),
@@ -48,7 +50,7 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
                                        "ControlNet residuals (the positive branch keeps them). 0 = off (ControlNet "
                                        "as the core nodes apply it). The official code does this with ControlNet "
                                        "over its Stratified range: 0.5 (the first 25 of 50 steps). Without a "
-                                       "ControlNet it has no effect."),
+                                       "ControlNet it has no effect. " + STEP_FRACTION_MEANING),
             ],
             outputs=[io.Model.Output(tooltip="The model with InDetail-IP reference attention.")],
         )
@@ -66,13 +68,11 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, blocks, schedule, lambda_reference, lambda_self,
                 negative_control_until=0.0) -> io.NodeOutput:
-        check_inversion(NAME, inversion, model)
-        try:
+        with errors_named(NAME):
+            check_inversion(NAME, inversion, model)
             select_layers(blocks, discover_layers(model), "attn1")
             control = ReferenceAttentionControl(inversion, blocks, schedule, lambda_reference, lambda_self,
                                                 negative_control_until)
-        except ValueError as error:
-            raise ValueError(f"{NAME}: {error}") from None
         return io.NodeOutput(add_control(model, control))
 
 

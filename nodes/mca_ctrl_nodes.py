@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from comfy_api.latest import io
 
 from ..attention import mca_ctrl as mca
 from ..attention.layers import select_layers
-from ..indetail_ip.compat import check_inversion
-from ..inversion.result import INVERSION_TYPE
+from ..inversion.checks import check_inversion
+from ..mca_ctrl.config import AutoMask, ConditionPrompt, Masks, Schedule, Streams
 from ..mca_ctrl.control import MCACtrl
 from ..patching.prompt_tokens import word_token_positions
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
+from .naming import errors_named
+from .step_window_inputs import STEP_FRACTION_MEANING
+from .types import Inversion
 
-Inversion = io.Custom(INVERSION_TYPE)
 CATEGORY = "QKV Control/MCA-Ctrl"
 REPLACE_NAME = "QKV MCA-Ctrl Subject Replace / Add"
 GENERATE_NAME = "QKV MCA-Ctrl Subject Generation"
@@ -25,10 +25,12 @@ def _schedule_inputs() -> list:
     return [
         io.Float.Input("sagi_steps", default=0.1, min=0.0, max=1.0, step=0.01,
                        tooltip="Share of the sampling steps that run SAGI (global injection of the subject's and "
-                               "scene's own self-attention outputs). Official code: 0.1 (first 5 of 50 steps)."),
+                               "scene's own self-attention outputs). Official code: 0.1 (first 5 of 50 steps). "
+                               + STEP_FRACTION_MEANING),
         io.Float.Input("salq_end", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Fraction of the steps where MCA-Ctrl stops. SALQ (local query) runs between SAGI "
-                               "and this point; the two never overlap. Later steps run plain attention."),
+                               "and this point; the two never overlap. Later steps run plain attention. "
+                               + STEP_FRACTION_MEANING),
         io.Combo.Input("order", options=list(mca.ORDERS), default=mca.ORDER_SAGI_FIRST,
                        tooltip="sagi_first (paper): SAGI early, SALQ after. salq_first swaps them with the same "
                                "durations (the paper's ablation: clearly worse)."),
@@ -44,20 +46,14 @@ def _schedule_inputs() -> list:
     ]
 
 
-def _check_layers(node: str, model, salq_layers: str, sagi_layers: str) -> None:
+def _schedule(model, sagi_steps: float, salq_end: float, order: str, salq_layers: str, sagi_layers: str) -> Schedule:
     layers = discover_layers(model)
     for name, spec in (("salq_layers", salq_layers), ("sagi_layers", sagi_layers)):
         try:
             select_layers(spec, layers, "attn1")
         except ValueError as error:
-            raise ValueError(f"{node}: {name}: {error}") from None
-
-
-def _schedule(node: str, sagi_steps: float, salq_end: float, order: str) -> mca.PhaseSchedule:
-    try:
-        return mca.PhaseSchedule(float(sagi_steps), float(salq_end), order)
-    except ValueError as error:
-        raise ValueError(f"{node}: {error}") from None
+            raise ValueError(f"{name}: {error}") from None
+    return Schedule(mca.PhaseSchedule(float(sagi_steps), float(salq_end), order), salq_layers, sagi_layers)
 
 
 def _validate_schedule(node: str, sagi_steps=0.1, salq_end=1.0, order=mca.ORDER_SAGI_FIRST):
@@ -68,21 +64,11 @@ def _validate_schedule(node: str, sagi_steps=0.1, salq_end=1.0, order=mca.ORDER_
     return True
 
 
-@contextlib.contextmanager
-def _errors_named(node: str):
-    """Errors of the control's own checks, prefixed with the node's name (once)."""
-    try:
-        yield
-    except ValueError as error:
-        message = str(error)
-        raise ValueError(message if message.startswith(node) else f"{node}: {message}") from None
-
-
-def _check_mask(node: str, mask, what: str):
+def _check_mask(mask, what: str):
     if mask is None:
         return None
     if mask.ndim not in (2, 3):
-        raise ValueError(f"{node}: expected a MASK [B, H, W] for {what}, got shape {tuple(mask.shape)}")
+        raise ValueError(f"expected a MASK [B, H, W] for {what}, got shape {tuple(mask.shape)}")
     return mask
 
 
@@ -123,16 +109,13 @@ class QKVMCACtrlReplace(io.ComfyNode):
     @classmethod
     def execute(cls, model, subject, subject_mask, scene, target_mask, sagi_steps, salq_end, order,
                 salq_layers, sagi_layers, subject_dilation, target_dilation) -> io.NodeOutput:
-        check_inversion(REPLACE_NAME, subject, model, "subject")
-        check_inversion(REPLACE_NAME, scene, model, "scene")
-        _check_layers(REPLACE_NAME, model, salq_layers, sagi_layers)
-        with _errors_named(REPLACE_NAME):
-            control = MCACtrl(subject, _check_mask(REPLACE_NAME, subject_mask, "subject_mask"),
-                              _check_mask(REPLACE_NAME, target_mask, "target_mask"), condition=scene,
-                              schedule=_schedule(REPLACE_NAME, sagi_steps, salq_end, order),
-                              salq_layers=salq_layers, sagi_layers=sagi_layers,
-                              subject_dilation=subject_dilation, region_dilation=target_dilation,
-                              label=REPLACE_NAME)
+        with errors_named(REPLACE_NAME):
+            check_inversion(REPLACE_NAME, subject, model, "subject")
+            check_inversion(REPLACE_NAME, scene, model, "scene")
+            masks = Masks(_check_mask(subject_mask, "subject_mask"), _check_mask(target_mask, "target_mask"),
+                          subject_dilation=subject_dilation, region_dilation=target_dilation)
+            schedule = _schedule(model, sagi_steps, salq_end, order, salq_layers, sagi_layers)
+            control = MCACtrl(Streams(subject, scene=scene), masks, schedule, label=REPLACE_NAME)
         return io.NodeOutput(add_control(model, control))
 
 
@@ -182,25 +165,21 @@ class QKVMCACtrlGenerate(io.ComfyNode):
     def execute(cls, model, clip, subject, subject_mask, condition_prompt, subject_word, auto_mask_share,
                 condition_cfg, sagi_steps, salq_end, order, salq_layers, sagi_layers, subject_dilation,
                 target_mask=None) -> io.NodeOutput:
-        check_inversion(GENERATE_NAME, subject, model, "subject")
-        _check_layers(GENERATE_NAME, model, salq_layers, sagi_layers)
-        subject_tokens = None
-        if target_mask is None:
-            subject_tokens = word_token_positions(clip, condition_prompt, subject_word, GENERATE_NAME)
-        tokens = clip.tokenize(condition_prompt)
-        context = clip.encode_from_tokens(tokens)
-        if context.shape[-1] != subject.context_dim:
-            raise ValueError(f"{GENERATE_NAME}: expected a text encoder of width {subject.context_dim} (the "
-                             f"subject inversion's model), got {context.shape[-1]}")
-        with _errors_named(GENERATE_NAME):
-            control = MCACtrl(subject, _check_mask(GENERATE_NAME, subject_mask, "subject_mask"),
-                              _check_mask(GENERATE_NAME, target_mask, "target_mask"),
-                              condition_context=context[:1].detach(),
-                              schedule=_schedule(GENERATE_NAME, sagi_steps, salq_end, order),
-                              salq_layers=salq_layers, sagi_layers=sagi_layers,
-                              subject_dilation=subject_dilation, subject_tokens=subject_tokens,
-                              auto_mask_fraction=auto_mask_share, condition_cfg=condition_cfg,
-                              label=GENERATE_NAME)
+        with errors_named(GENERATE_NAME):
+            check_inversion(GENERATE_NAME, subject, model, "subject")
+            schedule = _schedule(model, sagi_steps, salq_end, order, salq_layers, sagi_layers)
+            auto = None
+            if target_mask is None:
+                tokens = word_token_positions(clip, condition_prompt, subject_word, GENERATE_NAME)
+                auto = AutoMask(tuple(tokens), fraction=auto_mask_share)
+            context = clip.encode_from_tokens(clip.tokenize(condition_prompt))
+            if context.shape[-1] != subject.context_dim:
+                raise ValueError(f"expected a text encoder of width {subject.context_dim} (the subject inversion's "
+                                 f"model), got {context.shape[-1]}")
+            masks = Masks(_check_mask(subject_mask, "subject_mask"), _check_mask(target_mask, "target_mask"),
+                          subject_dilation=subject_dilation, auto=auto)
+            prompt = ConditionPrompt(context[:1].detach(), cfg=condition_cfg)
+            control = MCACtrl(Streams(subject, prompt=prompt), masks, schedule, label=GENERATE_NAME)
         return io.NodeOutput(add_control(model, control))
 
 

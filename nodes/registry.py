@@ -14,6 +14,7 @@ logger = logging.getLogger("qkv_control")
 NODE_MODULES = (
     "mca_ctrl_nodes",
     "ip_adapter_nodes",
+    "text_guidance_nodes",
     "ddim_inversion",
     "indetail_ip",
     "image_prompt_guidance",

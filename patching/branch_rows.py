@@ -15,24 +15,17 @@ import math
 import torch
 
 from ..attention.rows import ROLE_COND, Row, RowLayout
+from ..attention.sdpa import repeat_tokens
 from .control import ExtraRow
-
-
-def repeat_to_tokens(context: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Repeat a context to ``tokens`` tokens, as ComfyUI's ``cond_cat`` does: attention
-    over a sequence repeated r times equals attention over the sequence once."""
-    n = context.shape[1]
-    if tokens % n != 0:
-        raise ValueError(f"branch rows: cannot repeat a {n}-token context to {tokens} tokens")
-    return context.repeat(1, tokens // n, 1)
 
 
 def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
     widths = {c.shape[-1] for c in contexts}
     if len(widths) != 1:
         raise ValueError(f"branch rows: expected one context width, got {sorted(widths)} (model family mismatch?)")
+    # Contexts repeated to a common length, as ComfyUI's ``cond_cat`` batches them.
     tokens = math.lcm(*(c.shape[1] for c in contexts))
-    return torch.cat([repeat_to_tokens(c, tokens) for c in contexts])
+    return torch.cat([repeat_tokens(c, tokens) for c in contexts])
 
 
 def _template_row(layout: RowLayout) -> int:
@@ -102,5 +95,5 @@ def append_rows(x, sigma, c_concat, c_crossattn, control, conds: dict, layout: R
         context_ext = cat_contexts([c_crossattn] + [r.context.to(c_crossattn) for r in rows])
     concat_ext = _extend(c_concat, batch, rows, "c_concat", template)
     conds_ext = {name: _extend(value, batch, rows, name, template) for name, value in conds.items()}
-    new_layout = layout.with_extra([Row(r.role, r.item, source) for source, r in extras])
+    new_layout = layout.with_extra([Row(r.role, r.item, source, r.image_prompt) for source, r in extras])
     return x_ext, sigma_ext, concat_ext, context_ext, _pad_control(control, len(rows)), conds_ext, new_layout

@@ -26,6 +26,9 @@ class ExtraRow:
     conds:   other per-row model inputs by name (e.g. SDXL's ``y``); missing ones
              copy a positive sampler row.
     on_output: called with the row's denoised prediction (a [1, C, H, W] tensor).
+    image_prompt: which image prompt the row sees (``attention.rows.PROMPT_POSITIVE`` /
+             ``PROMPT_NEGATIVE``), or None (the default: e.g. an inverted reference stream).
+             Image-prompt controls of any method honour it.
     """
 
     role: str
@@ -35,6 +38,7 @@ class ExtraRow:
     conds: dict[str, torch.Tensor] = field(default_factory=dict)
     on_output: Optional[Callable[[torch.Tensor], None]] = None
     item: int = 0
+    image_prompt: Optional[str] = None
 
 
 @dataclass
@@ -53,6 +57,10 @@ class ModelCall:
     def sigma_value(self) -> float:
         return float(self.sigma.reshape(-1)[0])
 
+    def active(self, window) -> bool:
+        """Whether this call lies in ``window`` (an ``attention.step_window.StepWindow``)."""
+        return self.run.clock.active(window, self.sigma_value)
+
 
 @dataclass
 class AttentionCall:
@@ -62,10 +70,11 @@ class AttentionCall:
     layout: RowLayout
     run: Any
     extra_options: dict
-    # Plain attention ``(q, k, v, mask=None)`` (ComfyUI's optimized attention, heads bound)
-    # for queries/keys that are not the layer's own rows: gathered key subsets, a subset of
-    # rows. ``attend_next`` expects the layer's full rows; this bypasses the chain.
-    plain: Optional[Callable[..., torch.Tensor]] = None
+    # Plain attention ``(q, k, v, mask=None)`` (``patching.plain_attention``: ComfyUI's
+    # optimized attention, heads bound) for queries/keys that are not the layer's own rows:
+    # gathered key subsets, a subset of rows. ``attend_next`` expects the layer's full rows;
+    # this bypasses the chain.
+    plain: Callable[..., torch.Tensor]
     # True when the control is the layer's only one and no foreign replace patch is
     # installed, so ``plain`` on a row subset equals ``attend_next`` on those rows.
     exclusive: bool = False
@@ -78,6 +87,10 @@ class AttentionCall:
     def sigma_value(self) -> float:
         return float(self.extra_options["sigmas"].reshape(-1)[0])
 
+    def active(self, window) -> bool:
+        """Whether this call lies in ``window`` (an ``attention.step_window.StepWindow``)."""
+        return self.run.clock.active(window, self.sigma_value)
+
     def rows(self, role: str, source: str | None = None) -> list[int]:
         return self.layout.indices(role, source)
 
@@ -86,16 +99,20 @@ AttendNext = Callable[..., torch.Tensor]
 
 
 class AttentionControl:
-    """Base class: a control is configuration (immutable after construction);
-    anything it accumulates during a run lives in ``run.state(self)``.
+    """Base class: a control is configuration (immutable after construction); anything it
+    accumulates during a run lives in its scratch space, ``run.scratch(self)`` (what
+    ``start_run`` returned). ``run`` is the ``patching.run_context.RunContext``.
 
     Subclasses override what they need:
       select_layers(layers)          which layers it acts on, resolved per model
-      start_run(run) / end_run(run)  set up and free run-scoped state
+      start_run(run)                 set up the run; return the scratch space (a small
+                                     dataclass) or None
+      end_run(run)                   hand results out (the context frees the scratch)
       extra_rows(call)               rows to append to this UNet call
       rows_without_control(call)     sampler rows of this UNet call that get no
                                      ControlNet residuals (default: none)
-      initial_noise(run, noise)      replace the run's initial noise (default: unchanged)
+      start_latent(run, noise)       where the sampler starts (default: where ComfyUI
+                                     puts it)
       attend(call, q, k, v, attend_next)  the attention itself; ``attend_next``
                                      is the rest of the chain (other controls,
                                      another pack's replace patch, or ComfyUI's
@@ -111,8 +128,8 @@ class AttentionControl:
     def select_layers(self, layers: tuple[AttentionLayer, ...]) -> tuple[AttentionLayer, ...]:
         return ()
 
-    def start_run(self, run) -> None:
-        pass
+    def start_run(self, run) -> Any:
+        return None
 
     def end_run(self, run) -> None:
         pass
@@ -127,11 +144,11 @@ class AttentionControl:
         Extra rows get zero residuals anyway."""
         return []
 
-    def initial_noise(self, run, noise: torch.Tensor) -> torch.Tensor:
-        """The run's initial noise (the sampler's ``noise`` argument, before ComfyUI scales
-        it by sigma and adds the latent). Return it unchanged, or a new tensor to start
-        sampling elsewhere (e.g. from an inverted latent)."""
-        return noise
+    def start_latent(self, run, noise: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sampler-space latent the run starts from at its first sigma (``noise`` gives
+        shape, device and dtype), or None to start where ComfyUI puts it. ComfyUI's own
+        noise scaling is solved for the noise that starts there (``patching.sampler_start``)."""
+        return None
 
     def attend(self, call: AttentionCall, q, k, v, attend_next: AttendNext) -> torch.Tensor:
         return attend_next(q, k, v)

@@ -1,10 +1,11 @@
-"""Registering controls on a model, and the two keyed wrappers that run them.
+"""Registering controls on a model, and the keyed wrappers that run them.
 
-- OUTER_SAMPLE: creates the run's RunState, frees it in ``finally``.
-- APPLY_MODEL:  computes the row layout, zeroes the ControlNet residuals of rows
-                the controls leave uncontrolled, appends the controls' extra rows,
-                installs the routed attention patches, removes the extra rows
-                from the output.
+- OUTER_SAMPLE:   builds the run's RunContext, frees it in ``finally``.
+- SAMPLER_SAMPLE: lets controls choose where the run starts (``patching.sampler_start``).
+- APPLY_MODEL:    computes the row layout, zeroes the ControlNet residuals of rows
+                  the controls leave uncontrolled, appends the controls' extra rows,
+                  installs the routed attention patches, removes the extra rows
+                  from the output.
 The model given to a node is never mutated: ``add_control`` works on a clone.
 """
 
@@ -13,17 +14,24 @@ from __future__ import annotations
 import logging
 
 import comfy.model_patcher
-import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
 from ..attention.rows import RowLayout
 from . import keys
 from .branch_rows import append_rows, zero_control_rows
 from .control import AttentionControl, ModelCall
+from .image_prompt_policy import get_policy
 from .router import install_routes
-from .run_state import RunState
+from .run_context import RunContext
+from .sampler_start import sampler_sample_wrapper
 
 logger = logging.getLogger("qkv_control")
+
+
+def _wrappers():
+    return ((WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+            (WrappersMP.SAMPLER_SAMPLE, sampler_sample_wrapper),
+            (WrappersMP.APPLY_MODEL, apply_model_wrapper))
 
 
 def add_control(model, control: AttentionControl):
@@ -31,11 +39,33 @@ def add_control(model, control: AttentionControl):
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     to[keys.CONTROLS] = tuple(to.get(keys.CONTROLS, ())) + (control,)
-    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, keys.WRAPPER)
-    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, keys.WRAPPER)
-    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, keys.WRAPPER, outer_sample_wrapper)
-    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, keys.WRAPPER, apply_model_wrapper)
+    for wrapper_type, wrapper in _wrappers():
+        m.remove_wrappers_with_key(wrapper_type, keys.WRAPPER)
+        m.add_wrapper_with_key(wrapper_type, keys.WRAPPER, wrapper)
     return m
+
+
+def without_controls(model):
+    """A clone of ``model`` without this pack's controls, guidance policy and wrappers: a plain
+    pass of the model with every other node's patches (LoRA, other packs' wrappers) kept."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    to.pop(keys.CONTROLS, None)
+    to.pop(keys.IMAGE_PROMPT_POLICY, None)
+    for wrapper_type, _ in _wrappers():
+        m.remove_wrappers_with_key(wrapper_type, keys.WRAPPER)
+    return m
+
+
+def add_outermost_wrapper(model, wrapper_type: str, key: str, wrapper) -> None:
+    """Register ``wrapper`` on ``model`` (a ModelPatcher, changed in place: call it on a clone)
+    so that it runs outside every other wrapper of ``wrapper_type``.
+
+    ComfyUI runs the wrappers of a type in the order of the ``wrappers[type]`` dict (first key
+    outermost, see ``comfy.patcher_extension.get_all_wrappers``); the key is put first."""
+    wrappers = model.model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
+    by_key = wrappers.get(wrapper_type, {})
+    wrappers[wrapper_type] = {key: [wrapper], **{k: list(v) for k, v in by_key.items() if k != key}}
 
 
 def registered_controls(model) -> tuple[AttentionControl, ...]:
@@ -57,42 +87,21 @@ def _sample_arg(name, args, kwargs):
     return args[i] if len(args) > i else kwargs.get(name)
 
 
-def _with_sample_arg(name, value, args, kwargs):
-    i = _OUTER_SAMPLE_ARGS.index(name)
-    if len(args) > i:
-        return args[:i] + (value,) + args[i + 1:], kwargs
-    return args, {**kwargs, name: value}
-
-
-def _initial_noise(run, controls, args, kwargs):
-    """Let controls replace the run's initial noise (``AttentionControl.initial_noise``)."""
-    noise = _sample_arg("noise", args, kwargs)
-    if noise is None:
-        return args, kwargs
-    adjusted = noise
-    for control in controls:
-        adjusted = control.initial_noise(run, adjusted)
-    if adjusted is noise:
-        return args, kwargs
-    run.noise = adjusted
-    return _with_sample_arg("noise", adjusted, args, kwargs)
-
-
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original_options = guider.model_options
-    controls = original_options.get("transformer_options", {}).get(keys.CONTROLS, ())
+    transformer_options = original_options.get("transformer_options", {})
+    controls = transformer_options.get(keys.CONTROLS, ())
     if not controls:
         return executor(*args, **kwargs)
-    run = RunState(guider.model_patcher, controls,
-                   sample_sigmas=_sample_arg("sigmas", args, kwargs),
-                   latent_image=_sample_arg("latent_image", args, kwargs),
-                   noise=_sample_arg("noise", args, kwargs))
+    run = RunContext(guider.model_patcher, controls,
+                     sample_sigmas=_sample_arg("sigmas", args, kwargs),
+                     latent_image=_sample_arg("latent_image", args, kwargs),
+                     policy=get_policy(transformer_options))
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options["transformer_options"][keys.RUN] = run
         run.start()
-        args, kwargs = _initial_noise(run, controls, args, kwargs)
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options

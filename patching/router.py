@@ -4,13 +4,13 @@ before (another pack's replace patch, or ComfyUI's optimized attention)."""
 
 from __future__ import annotations
 
-import comfy.ldm.modules.attention as comfy_attention
 import torch
 
 from ..attention.layers import AttentionLayer
 from ..attention.rows import RowLayout
 from . import keys
 from .control import AttentionCall
+from .plain_attention import plain_attention
 
 
 class RoutedAttention:
@@ -21,20 +21,6 @@ class RoutedAttention:
         self.controls = tuple(controls)
         self.foreign = foreign
         self.run = run
-
-    @staticmethod
-    def _plain(extra_options):
-        heads = extra_options["n_heads"]
-
-        def plain(q, k, v, mask=None):
-            # Looked up at call time: the backend is chosen by ComfyUI's startup flags.
-            return comfy_attention.optimized_attention(
-                q, k, v, heads, mask=mask,
-                attn_precision=extra_options.get("attn_precision"),
-                transformer_options=extra_options,
-            )
-
-        return plain
 
     def _base(self, extra_options, plain):
         foreign = self.foreign
@@ -47,7 +33,7 @@ class RoutedAttention:
         return attend
 
     def __call__(self, q, k, v, extra_options):
-        plain = self._plain(extra_options)
+        plain = plain_attention(extra_options)
         call = AttentionCall(self.layer, extra_options[keys.ROWS], self.run, extra_options, plain=plain,
                              exclusive=len(self.controls) == 1 and self.foreign is None)
         attend = self._base(extra_options, plain)
@@ -83,7 +69,7 @@ class SamplerRowsOnly:
         if q.shape[0] <= n:  # the sampler rows (or a control's subset of rows)
             return self.foreign(q, k, v, extra_options)
         sampler = self.foreign(q[:n], k[:n], v[:n], extra_options)
-        extra = RoutedAttention._plain(extra_options)(q[n:], k[n:], v[n:])
+        extra = plain_attention(extra_options)(q[n:], k[n:], v[n:])
         return torch.cat([sampler, extra.to(sampler.dtype)])
 
 

@@ -15,22 +15,25 @@ import comfy.ldm.modules.attention as comfy_attention
 from helpers import encode, sample
 from qkv_control.attention.cross_attention import share_kv
 from qkv_control.attention.layers import select_layers
-from qkv_control.attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_UNCOND, Row, RowLayout
+from qkv_control.attention.rows import (PROMPT_NEGATIVE, PROMPT_POSITIVE, ROLE_COND, ROLE_CONDITION, ROLE_UNCOND,
+                                        Row, RowLayout)
 from qkv_control.attention.sdpa import bind_heads, plain_attention
-from qkv_control.ipadapter.control import IPAdapterControl, Reference, in_window
-from qkv_control.ipadapter.guidance import ConditionGuidanceControl
+from qkv_control.attention.step_window import ALWAYS, StepWindow
+from qkv_control.ipadapter.control import IPAdapterControl, Reference
+from qkv_control.text_guidance.condition import ConditionGuidanceControl
 from qkv_control.ipadapter.files import load_file
 from qkv_control.ipadapter.model import IPAdapterModel
 from qkv_control.ipadapter.routing import deadiff_semantic_spec, routing_specs
 from qkv_control.patching.prompt_tokens import word_token_positions
 from qkv_control.nodes import ip_adapter_nodes as nodes
+from qkv_control.nodes import text_guidance_nodes
 from qkv_control.patching import keys
 from qkv_control.patching.control import AttentionCall, AttentionControl, ExtraRow
 from qkv_control.patching.image_prompt_policy import ImagePromptPolicy
 from qkv_control.patching.layers import attention_module, discover_layers
 from qkv_control.patching.patch import add_control, set_transformer_option
 from qkv_control.patching.router import install_routes
-from qkv_control.patching.run_state import RunState
+from qkv_control.patching.run_context import RunContext
 from qkv_control.tiny.ipadapter_files import write_ipadapter_files
 from qkv_control.tiny.models import TEXT_WIDTH, tiny_checkpoint, tiny_clip_vision
 
@@ -77,7 +80,7 @@ def apply(model, adapter, vision, image, weight=1.0, mode="decoupled", spec="all
 def _run(model, controls=None):
     from qkv_control.patching.patch import registered_controls
 
-    run = RunState(model, controls or registered_controls(model), sample_sigmas=torch.tensor([10.0, 5.0, 1.0, 0.0]))
+    run = RunContext(model, controls or registered_controls(model), sample_sigmas=torch.tensor([10.0, 5.0, 1.0, 0.0]))
     run.start()
     return run
 
@@ -85,7 +88,7 @@ def _run(model, controls=None):
 def _layer_call(run, layer, layout):
     options = {"n_heads": layer.heads, "dim_head": layer.dim_head, "sigmas": torch.tensor([5.0]),
                "attn_precision": None, keys.ROWS: layout}
-    return AttentionCall(layer, layout, run, options), options
+    return AttentionCall(layer, layout, run, options, plain=bind_heads(plain_attention, layer.heads)), options
 
 
 def _qkv(layer, rows, seed=0, nq=16, nt=77):
@@ -109,7 +112,7 @@ def test_decoupled_layer_matches_formula_by_row_role(family, policy, adapter_dir
     run = _run(patched)
     control = run.controls[0]
     layer = [layer for layer in run.layers if layer.kind == "attn2"][3]
-    layout = RowLayout((Row(ROLE_UNCOND, 0), Row(ROLE_COND, 0)))
+    layout = RowLayout((Row(ROLE_UNCOND, 0, image_prompt=PROMPT_NEGATIVE), Row(ROLE_COND, 0, image_prompt=PROMPT_POSITIVE)))
     call, _ = _layer_call(run, layer, layout)
     q, k, v = _qkv(layer, 2)
     plain = bind_heads(plain_attention, layer.heads)
@@ -143,7 +146,7 @@ def test_joint_layer_is_one_attention_over_text_and_image(family, exclusive, ada
     run = _run(patched)
     control = run.controls[0]
     layer = [layer for layer in run.layers if layer.kind == "attn2"][-1]
-    layout = RowLayout((Row(ROLE_COND, 0), Row(ROLE_UNCOND, 0)))
+    layout = RowLayout((Row(ROLE_COND, 0, image_prompt=PROMPT_POSITIVE), Row(ROLE_UNCOND, 0, image_prompt=PROMPT_NEGATIVE)))
     call, _ = _layer_call(run, layer, layout)
     plain = bind_heads(plain_attention, layer.heads)
     call.plain, call.exclusive = plain, exclusive
@@ -169,7 +172,7 @@ def test_stacking_with_another_packs_attn2_replace_keeps_both(adapter_dir, visio
     other.set_model_attn2_replace(foreign, "input", 1)
     both = apply(other, adapter, vision, images[0], 0.8)
     run = _run(both)
-    layout = RowLayout((Row(ROLE_COND, 0),))
+    layout = RowLayout((Row(ROLE_COND, 0, image_prompt=PROMPT_POSITIVE),))
     routes = install_routes(both.model_options["transformer_options"].get("patches_replace", {}), run, layout)
     layer = next(layer for layer in run.layers if layer.kind == "attn2" and layer.key == ("input", 1, 0))
     routed = routes["attn2"][layer.key]
@@ -208,8 +211,8 @@ def test_weight_zero_reproduces_unpatched_and_weight_changes(family, adapter_dir
     assert torch.equal(sample(zero, pos, neg, steps=2), base)
     zero_layers = add_control(model, IPAdapterControl(layer_kv, (Reference("image", tokens, 1.0, "all=0"),)))
     assert torch.equal(sample(zero_layers, pos, neg, steps=2), base)
-    # a window between the two steps (sigmas 14.6 and 0.03 of a 2-step normal schedule)
-    outside = apply(model, adapter, vision, images[0], 1.0, start=0.4, end=0.6)
+    # a window holding no step of a 2-step run (step fractions 0 and 0.5)
+    outside = apply(model, adapter, vision, images[0], 1.0, start=0.6, end=0.9)
     torch.testing.assert_close(sample(outside, pos, neg, steps=2), base)
     for mode in ("decoupled", "joint"):
         out = sample(apply(model, adapter, vision, images[0], 1.0, mode=mode), pos, neg, steps=2)
@@ -255,7 +258,7 @@ def test_style_content_node_routes_each_image_to_its_layers(adapter_dir, vision,
     (patched,) = nodes.QKVIPAdapterStyleContent.execute(model, adapter, vision, images[0], 1.0, 0.7, "decoupled",
                                                         0.0, 1.0, "auto", "auto", content_image=images[1]).args
     run = _run(patched)
-    style, content = run.state(run.controls[0])["weights"]
+    style, content = run.scratch(run.controls[0]).weights
     attn2 = [layer for layer in run.layers if layer.kind == "attn2"]
     assert all((style[layer.key] == 0) != (content[layer.key] == 0) for layer in attn2)  # every layer: exactly one image
     assert {layer.block for layer in attn2 if content[layer.key]} == {("input", 7), ("input", 8), ("middle", 0), ("output", 0),
@@ -273,12 +276,12 @@ def test_condition_guidance_with_the_prompt_as_preset_is_unpatched(family, mode)
     model, clip, _ = tiny_checkpoint(family)
     pos, neg = encode(clip, PROMPT), encode(clip, "")
     base = sample(model, pos, neg, steps=2)
-    (same,) = nodes.QKVConditionGuidance.execute(model, pos, mode, "all", 0.0, 1.0).args
+    (same,) = text_guidance_nodes.QKVConditionGuidance.execute(model, pos, mode, "all", 0.0, 1.0).args
     # float32 rounding only (K/V projected outside the batch, attention over 154 instead
     # of 77 keys), relative to the latents' scale (~500 for the tiny random UNet after 2 steps)
     torch.testing.assert_close(sample(same, pos, neg, steps=2), base, atol=1e-5 * float(base.abs().max()), rtol=0)
     preset = encode(clip, "studio product photo, soft light, pastel background, minimal")
-    (other,) = nodes.QKVConditionGuidance.execute(model, preset, mode, "all", 0.0, 1.0).args
+    (other,) = text_guidance_nodes.QKVConditionGuidance.execute(model, preset, mode, "all", 0.0, 1.0).args
     assert not torch.allclose(sample(other, pos, neg, steps=2), base, atol=1e-3)
 
 
@@ -288,20 +291,20 @@ class RowBasedConditionGuidance(AttentionControl):
 
     kind = "attn2"
 
-    def __init__(self, context, mode, layers="all", sigma_start=float("inf"), sigma_end=0.0):
+    def __init__(self, context, mode, layers="all", window=ALWAYS):
         super().__init__()
-        self.context, self.mode, self.layers = context, mode, layers
-        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.context, self.mode, self.layers, self.window = context, mode, layers, window
 
     def select_layers(self, layers):
         return select_layers(self.layers, layers, "attn2")
 
     def extra_rows(self, call):
         cond_rows = call.layout.indices(ROLE_COND)
-        if not cond_rows or not in_window(call.sigma_value, self.sigma_start, self.sigma_end):
+        if not cond_rows or not call.active(self.window):
             return []
         r = cond_rows[0]
-        return [ExtraRow(ROLE_CONDITION, x=call.x[r:r + 1], context=self.context)]
+        # The preset row is a prompt row: it sees the positive image prompt (an IP-Adapter's tokens).
+        return [ExtraRow(ROLE_CONDITION, x=call.x[r:r + 1], context=self.context, image_prompt=PROMPT_POSITIVE)]
 
     def attend(self, call, q, k, v, attend_next):
         sources, targets = call.rows(ROLE_CONDITION, self.name), call.rows(ROLE_COND)
@@ -344,9 +347,9 @@ def test_condition_guidance_equals_the_preset_row(family, variant, mode, adapter
     text = ", ".join([PRESET] * 8) if variant == "long_preset" else PRESET
     context = encode(clip, text)[0][0]
     assert context.shape[1] == (154 if variant == "long_preset" else 77)
-    layers, window = "all", (float("inf"), 0.0)
-    if variant == "window_layers":  # the first of the 2 steps only (sigmas 14.6, then 0.03), output blocks
-        layers, window = "output", (float("inf"), 1.0)
+    layers, window = "all", ALWAYS
+    if variant == "window_layers":  # the first of the 2 steps only (step fractions 0 and 0.5), output blocks
+        layers, window = "output", StepWindow(0.0, 0.5)
     if variant == "lora":
         g = torch.Generator().manual_seed(5)
         sd = model.model.state_dict()
@@ -357,13 +360,13 @@ def test_condition_guidance_equals_the_preset_row(family, variant, mode, adapter
         model.add_patches(patches, 1.0)
     if variant == "ipadapter":
         model = apply(model, adapter, vision, images[0], 0.8)
-    new = sample(add_control(model, ConditionGuidanceControl(context, mode, layers, *window)), pos, neg, steps=2)
-    ref = sample(add_control(model, RowBasedConditionGuidance(context, mode, layers, *window)), pos, neg, steps=2)
+    new = sample(add_control(model, ConditionGuidanceControl(context, mode, layers, window)), pos, neg, steps=2)
+    ref = sample(add_control(model, RowBasedConditionGuidance(context, mode, layers, window)), pos, neg, steps=2)
     # float32 rounding only, relative to the latents' scale
     torch.testing.assert_close(new, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
     if variant == "lora":  # the patch matters: the projections use the patched weights
         unpatched = tiny_checkpoint(family)[0]
-        other = sample(add_control(unpatched, ConditionGuidanceControl(context, mode, layers, *window)), pos, neg,
+        other = sample(add_control(unpatched, ConditionGuidanceControl(context, mode, layers, window)), pos, neg,
                        steps=2)
         assert not torch.allclose(new, other, atol=1e-3)
 
@@ -416,11 +419,11 @@ def test_word_positions_come_from_the_tokenizer():
 def test_mask_guidance_node_changes_only_with_strength():
     model, clip, _ = tiny_checkpoint("sd15")
     neg = encode(clip, "")
-    (same, positive) = nodes.QKVMaskGuidance.execute(model, clip, PROMPT, "sneaker", 0.5, 0.0, "-level:0",
+    (same, positive) = text_guidance_nodes.QKVMaskGuidance.execute(model, clip, PROMPT, "sneaker", 0.5, 0.0, "-level:0",
                                                      0.0, 1.0).args
     assert same is model
     base = sample(model, positive, neg, steps=2)
-    (guided, positive) = nodes.QKVMaskGuidance.execute(model, clip, PROMPT, "sneaker", 0.5, 1.0, "-level:0",
+    (guided, positive) = text_guidance_nodes.QKVMaskGuidance.execute(model, clip, PROMPT, "sneaker", 0.5, 1.0, "-level:0",
                                                        0.0, 1.0).args
     out = sample(guided, positive, neg, steps=2)
     assert torch.isfinite(out).all() and not torch.allclose(out, base, atol=1e-4)
@@ -429,7 +432,7 @@ def test_mask_guidance_node_changes_only_with_strength():
 def test_attention_map_node_outputs_mask_and_preview():
     model, clip, _ = tiny_checkpoint("sd15")
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    out, mask, preview = nodes.QKVAttentionMap.execute(model, clip, PROMPT, "sneaker", encode(clip, ""), latent, 0, 2,
+    out, mask, preview = text_guidance_nodes.QKVAttentionMap.execute(model, clip, PROMPT, "sneaker", encode(clip, ""), latent, 0, 2,
                                                        5.0, "ddim", "normal", "level:2", 1.0).args
     assert out["samples"].shape == (1, 4, 16, 16)
     assert mask.shape == (1, 128, 128) and preview.shape == (1, 128, 128, 3)

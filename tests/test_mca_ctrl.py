@@ -9,7 +9,8 @@ from helpers import encode, sample
 from qkv_control.attention import mca_ctrl as mca
 from qkv_control.attention.rows import ROLE_CONDITION, ROLE_SUBJECT
 from qkv_control.inversion.invert import invert
-from qkv_control.mca_ctrl.control import MCACtrl
+from qkv_control.mca_ctrl.config import AutoMask, ConditionPrompt, Masks, Schedule, Streams
+from qkv_control.mca_ctrl.control import MCACtrl, new_scratch
 from qkv_control.patching.layers import discover_layers
 from qkv_control.patching.patch import add_control
 
@@ -69,8 +70,18 @@ class Recorder:
         control._mca_attention = record_attention
 
 
+def make_mca(subject, subject_mask, region_mask, *, condition=None, condition_context=None, condition_cfg=1.0,
+             schedule=mca.PhaseSchedule(), salq_layers="all", subject_dilation=3, subject_tokens=None):
+    """An MCACtrl from the settings these tests vary (the rest at the nodes' defaults)."""
+    prompt = None if condition_context is None else ConditionPrompt(condition_context, cfg=condition_cfg)
+    auto = None if subject_tokens is None else AutoMask(tuple(subject_tokens))
+    return MCACtrl(Streams(subject, scene=condition, prompt=prompt),
+                   Masks(subject_mask, region_mask, subject_dilation=subject_dilation, auto=auto),
+                   Schedule(schedule, salq_layers=salq_layers))
+
+
 def _replacement(kit, **kwargs):
-    return MCACtrl(kit["subject"], SUBJECT_MASK, REGION_MASK, condition=kit["scene"], **kwargs)
+    return make_mca(kit["subject"], SUBJECT_MASK, REGION_MASK, condition=kit["scene"], **kwargs)
 
 
 def test_rows_per_step_and_schedule(kit):
@@ -98,7 +109,7 @@ def test_nothing_happens_outside_the_schedule(kit):
     plain = sample(kit["model"], kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
     # the initial latent differs (the target starts from the scene): compare on the same start
     out = sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
-    reference = MCACtrl(kit["subject"], SUBJECT_MASK, REGION_MASK, condition=kit["scene"],
+    reference = make_mca(kit["subject"], SUBJECT_MASK, REGION_MASK, condition=kit["scene"],
                         schedule=mca.PhaseSchedule(0.0, 0.0))
     reference.attend = lambda call, q, k, v, attend_next: attend_next(q, k, v)
     same_start = sample(add_control(kit["model"], reference), kit["positive"], kit["negative"], steps=STEPS,
@@ -130,7 +141,7 @@ def test_target_starts_from_scene_inversion(kit):
 def test_salq_with_all_ones_masks_is_subject_kv_replacement(kit):
     """Full subject mask and full target mask: SALQ is the target attending the subject's K/V."""
     ones = torch.ones((1, SIZE * 8, SIZE * 8))
-    control = MCACtrl(kit["subject"], ones, ones, condition=kit["scene"], subject_dilation=1,
+    control = make_mca(kit["subject"], ones, ones, condition=kit["scene"], subject_dilation=1,
                       schedule=mca.PhaseSchedule(0.0, 1.0))
     seen = []
     original = control._mca_attention
@@ -178,7 +189,7 @@ def test_batch_cfg1_and_generation(kit):
     """Generation: a condition stream per batch item from the target's own noise; batch 2, cfg 1."""
     clip = kit["clip"]
     condition = encode(clip, "a dog on the beach")
-    control = MCACtrl(kit["subject"], SUBJECT_MASK, REGION_MASK, condition_context=condition[0][0],
+    control = make_mca(kit["subject"], SUBJECT_MASK, REGION_MASK, condition_context=condition[0][0],
                       schedule=mca.PhaseSchedule(0.25, 1.0))
     rec = Recorder(control)
     out = sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=STEPS, cfg=1.0,
@@ -193,7 +204,7 @@ def test_batch_cfg1_and_generation(kit):
 def test_automatic_mask_from_subject_word(kit):
     clip = kit["clip"]
     condition = encode(clip, "a dog on the beach")
-    control = MCACtrl(kit["subject"], SUBJECT_MASK, None, condition_context=condition[0][0],
+    control = make_mca(kit["subject"], SUBJECT_MASK, None, condition_context=condition[0][0],
                       subject_tokens=[2], schedule=mca.PhaseSchedule(0.25, 1.0))
     regions = []
     original = control._mca_attention
@@ -219,24 +230,23 @@ def test_subject_of_another_size(kit):
     subject, _ = invert(kit["model"], torch.randn((1, 4, 24, 16), generator=g) * 0.5, STEPS, "normal")
     mask = _box_mask(1, 0, 0, 1, 1).new_zeros((1, 192, 128))
     mask[:, 80:112, 48:80] = 1  # centre of the tall image: survives the centre crop
-    control = MCACtrl(subject, mask, REGION_MASK, condition=kit["scene"])
+    control = make_mca(subject, mask, REGION_MASK, condition=kit["scene"])
     out = sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
     assert torch.isfinite(out).all()
-    fitted, _ = control._latent_masks({"latent_masks": {}, "warned": set()}, (SIZE, SIZE))
+    fitted, _ = control._latent_masks(new_scratch(), (SIZE, SIZE))
     assert fitted.shape[-2:] == (SIZE, SIZE) and float(fitted.sum()) > 0
     # A subject at the very top of the tall image is cropped away: a clear error, not a silent no-op.
     top = mask.new_zeros(mask.shape)
     top[:, :24, 48:80] = 1
     with pytest.raises(ValueError, match="subject to stay in view"):
-        MCACtrl(subject, top, REGION_MASK, condition=kit["scene"])._latent_masks(
-            {"latent_masks": {}, "warned": set()}, (SIZE, SIZE))
+        make_mca(subject, top, REGION_MASK, condition=kit["scene"])._latent_masks(new_scratch(), (SIZE, SIZE))
 
 
 def test_empty_masks(kit):
     with pytest.raises(ValueError, match="subject mask with a foreground"):
-        MCACtrl(kit["subject"], torch.zeros((1, 64, 64)), REGION_MASK, condition=kit["scene"])
+        make_mca(kit["subject"], torch.zeros((1, 64, 64)), REGION_MASK, condition=kit["scene"])
     # An empty target mask is valid: nothing to replace, the scene is reconstructed.
-    control = MCACtrl(kit["subject"], SUBJECT_MASK, torch.zeros((1, 64, 64)), condition=kit["scene"])
+    control = make_mca(kit["subject"], SUBJECT_MASK, torch.zeros((1, 64, 64)), condition=kit["scene"])
     out = sample(add_control(kit["model"], control), kit["positive"], kit["negative"], steps=2, size=SIZE)
     assert torch.isfinite(out).all()
 
@@ -287,25 +297,40 @@ def test_replacement_batch_and_cfg1(kit):
     torch.testing.assert_close(out[0], out[1])
 
 
-def test_initial_noise_hook_sets_the_start(kit):
-    """patching: the noise a control's ``initial_noise`` returns is what the sampler starts from;
-    returning the noise unchanged changes nothing."""
+@pytest.mark.parametrize("scheduler, denoise", [("normal", 1.0), ("ddim_uniform", 1.0), ("karras", 0.6)])
+def test_start_latent_hook_sets_the_start(kit, scheduler, denoise):
+    """patching: the sampler's first model input is exactly the latent a control's
+    ``start_latent`` asks for, whatever ComfyUI's noise scaling does at that sigma (max_denoise
+    or not, a latent to denoise from); returning None changes nothing."""
     import comfy.sample
 
     from qkv_control.patching.control import AttentionControl
 
-    class Flip(AttentionControl):
-        def initial_noise(self, run, noise):
-            return noise.flip(-1)
+    target = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 3.0
 
-    latent = torch.zeros(1, 4, SIZE, SIZE)
+    class StartAt(AttentionControl):
+        def start_latent(self, run, noise):
+            return target
+
+    first = []
+
+    class Spy(AttentionControl):
+        def extra_rows(self, call):
+            first.append(call.x[:1].clone())
+            return []
+
+    latent = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) if denoise < 1 else \
+        torch.zeros(1, 4, SIZE, SIZE)
     noise = comfy.sample.prepare_noise(latent, 0)
-    args = (STEPS, 5.0, "ddim", "normal", kit["positive"], kit["negative"], latent)
-    flipped = comfy.sample.sample(add_control(kit["model"], Flip()), noise, *args, seed=0)
-    reference = comfy.sample.sample(kit["model"], noise.flip(-1), *args, seed=0)
-    torch.testing.assert_close(flipped, reference, atol=1e-6, rtol=0)
-    unchanged = comfy.sample.sample(add_control(kit["model"], AttentionControl()), noise, *args, seed=0)
-    torch.testing.assert_close(unchanged, comfy.sample.sample(kit["model"], noise, *args, seed=0), atol=0, rtol=0)
+    args = (STEPS, 5.0, "ddim", scheduler, kit["positive"], kit["negative"], latent)
+    comfy.sample.sample(add_control(add_control(kit["model"], StartAt()), Spy()), noise, *args, seed=0,
+                        denoise=denoise)
+    # ComfyUI passes the model calculate_input(sigma, x); the wrapper sees x itself.
+    torch.testing.assert_close(first[0], target, atol=1e-5, rtol=1e-5)
+    unchanged = comfy.sample.sample(add_control(kit["model"], AttentionControl()), noise, *args, seed=0,
+                                    denoise=denoise)
+    torch.testing.assert_close(unchanged, comfy.sample.sample(kit["model"], noise, *args, seed=0, denoise=denoise),
+                               atol=0, rtol=0)
 
 
 def test_salq_in_the_model_matches_masked_reference(kit):
@@ -344,14 +369,14 @@ def test_generated_condition_stream_with_cfg(kit):
     from qkv_control.mca_ctrl.streams import ROLE_CONDITION_NEGATIVE
 
     condition = encode(kit["clip"], "a dog on the beach")
-    control = MCACtrl(kit["subject"], SUBJECT_MASK, REGION_MASK, condition_context=condition[0][0],
+    control = make_mca(kit["subject"], SUBJECT_MASK, REGION_MASK, condition_context=condition[0][0],
                       condition_cfg=3.0, schedule=mca.PhaseSchedule(0.25, 1.0))
     stream = control.generated
     rows_for = stream.rows_for
     checked = []
 
-    def spy(call, anchors, items):
-        rows = rows_for(call, anchors, items)
+    def spy(call, anchors, items, **kwargs):
+        rows = rows_for(call, anchors, items, **kwargs)
         outputs = {}
         for row in rows:
             def wrapped(denoised, callback=row.on_output, role=row.role):

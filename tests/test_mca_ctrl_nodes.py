@@ -47,7 +47,7 @@ def test_generate_node_automatic_mask(kit):
     (model,) = QKVMCACtrlGenerate.execute(kit["model"], kit["clip"], kit["subject"], kit["mask"],
                                           "a photo of a dog on the beach", "dog", 0.3, 1.0, **SCHEDULE).args
     control = registered_controls(model)[0]
-    assert control.automatic_mask and control.subject_tokens == [5]
+    assert control.automatic_mask and control.masks.auto.subject_tokens == (5,)
     acted = []
     original = control._mca_attention
     control._mca_attention = lambda call, phase, *a: acted.append(phase) or original(call, phase, *a)

@@ -56,10 +56,13 @@ class ScaleControl(AttentionControl):
 class UncoupledRowControl(AttentionControl):
     """Appends a row nobody attends to; records its prediction."""
 
+    def start_run(self, run):
+        return []  # the predictions of the appended rows
+
     def extra_rows(self, call):
-        state = call.run.state(self)
+        outputs = call.run.scratch(self)
         return [ExtraRow(ROLE_REFERENCE, x=torch.randn_like(call.x[:1]), context=call.context[:1],
-                         on_output=lambda out: state.setdefault("outputs", []).append(out))]
+                         on_output=outputs.append)]
 
 
 def test_noop_control_is_bit_identical(checkpoint):

@@ -1,21 +1,10 @@
-"""Compatibility checks between a model, a latent and an inversion result, with messages
-that name what was expected and what came."""
+"""Checks between a model, a latent and an inversion result, used by every node that takes
+an inversion or a latent to invert, with messages that name what was expected and what came."""
 
 from __future__ import annotations
 
-from ..inversion.result import InversionResult
-
-
-def model_latent_channels(model) -> int:
-    return int(model.get_model_object("latent_format").latent_channels)
-
-
-def model_context_dim(model) -> int:
-    return int(model.model.model_config.unet_config.get("context_dim") or 0)
-
-
-def model_family(model) -> str:
-    return type(model.model.model_config).__name__
+from ..patching.model_info import context_dim, latent_channels, model_family
+from .result import InversionResult
 
 
 def check_latent(node: str, model, latent, what: str = "latent") -> None:
@@ -24,7 +13,7 @@ def check_latent(node: str, model, latent, what: str = "latent") -> None:
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"{node}: expected a 4-d image latent [B, C, H, W] ({what}), got shape {tuple(samples.shape)}")
-    channels = model_latent_channels(model)
+    channels = latent_channels(model)
     if samples.shape[1] != channels:
         raise ValueError(
             f"{node}: expected a {channels}-channel latent for this {model_family(model)} model ({what}), "
@@ -44,11 +33,11 @@ def check_inversion(node: str, inversion, model=None, what: str = "inversion") -
             raise ValueError(
                 f"{node}: expected a {inversion.model_family} model (the {what} was made with one), got {family}"
             )
-        channels = model_latent_channels(model)
+        channels = latent_channels(model)
         if inversion.latent_channels != channels:
             raise ValueError(f"{node}: expected a model with {inversion.latent_channels}-channel latents "
                              f"(the {what}'s), got {channels}")
-        width = model_context_dim(model)
+        width = context_dim(model)
         if width and inversion.context_dim != width:
             raise ValueError(f"{node}: expected a model with {inversion.context_dim}-wide text context "
                              f"(the {what}'s), got {width}")
