@@ -67,6 +67,8 @@ class ReferenceAttentionControl(AttentionControl):
     """InDetail-IP on the self-attention layers chosen by ``blocks`` (default: the decoder's)."""
 
     kind = "attn1"
+    # The modes are attention of the rows' queries over reference + own keys: any token count.
+    handles_token_changes = True
 
     def __init__(self, inversion: InversionResult, blocks: str = DEFAULT_BLOCKS,
                  schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5,

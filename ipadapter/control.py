@@ -51,6 +51,8 @@ class IPAdapterControl(AttentionControl):
     extra row a control marks so), during ``window`` (a step window of the run)."""
 
     kind = "attn2"
+    # Image tokens are keys; the queries may come merged or at any count.
+    handles_token_changes = True
 
     def __init__(self, layer_kv: dict, references: tuple[Reference, ...], mode: str = "decoupled",
                  window: StepWindow = ALWAYS):

@@ -121,6 +121,10 @@ class AttentionControl:
     """
 
     kind: str = "attn1"
+    # True when ``attend`` is correct for queries (and self-attention keys) of any token count,
+    # e.g. after another patch merged tokens (ToMe); False when it needs the layer's token grid
+    # (per-token masks, maps). See ``patching.router``.
+    handles_token_changes: bool = False
 
     def __init__(self) -> None:
         self.name = f"{type(self).__name__}#{next(_ids)}"

@@ -1,6 +1,19 @@
 """The attention router: one replace patch per touched layer, chaining every control
 registered on the model and, at the end of the chain, whatever attention was there
-before (another pack's replace patch, or ComfyUI's optimized attention)."""
+before (another pack's replace patch, or ComfyUI's optimized attention).
+
+Other patches may reshape what reaches a layer: HyperTile folds image tiles into the batch
+(``(b tiles) tokens``), ToMe merges the queries of self-attention. The router checks every call
+against the row layout and the layer's own grid:
+
+- a batch that is not the layout's rows (tiles, or anything else): the rows cannot be told
+  apart, so every control passes the layer through to the rest of the chain;
+- rows intact but fewer or other tokens than the layer's grid (merged queries or keys): the
+  controls whose ``handles_token_changes`` is True act on the tensors as they come (their math
+  holds for any token count), the others pass the layer through.
+
+A control passed through is logged once per run, so the user knows which layers it skipped.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +45,51 @@ class RoutedAttention:
 
         return attend
 
+    def _acting(self, layout: RowLayout, q, k, extra_options) -> tuple:
+        """The controls that act on this call (see the module docstring for reshaped calls)."""
+        reshape = reshaped(layout, self.layer.kind, q, k, extra_options)
+        if reshape is None:
+            return self.controls
+        acting = tuple(c for c in self.controls if reshape == TOKENS_CHANGED and c.handles_token_changes)
+        for control in self.controls:
+            if control not in acting:
+                self.run.warn_once(
+                    ("reshaped", control.name, reshape),
+                    "QKV Control: %s passes through the layers where another patch %s "
+                    "(first at %s: %d rows of %d tokens, the layout has %d rows)",
+                    control.name, "changed the batch (HyperTile-style tiles)" if reshape == BATCH_CHANGED
+                    else "changed the token count (ToMe-style merging)", self.layer.describe(),
+                    q.shape[0], q.shape[1], len(layout))
+        return acting
+
     def __call__(self, q, k, v, extra_options):
         plain = plain_attention(extra_options)
-        call = AttentionCall(self.layer, extra_options[keys.ROWS], self.run, extra_options, plain=plain,
-                             exclusive=len(self.controls) == 1 and self.foreign is None)
+        layout = extra_options[keys.ROWS]
+        controls = self._acting(layout, q, k, extra_options)
+        call = AttentionCall(self.layer, layout, self.run, extra_options, plain=plain,
+                             exclusive=len(controls) == 1 and self.foreign is None)
         attend = self._base(extra_options, plain)
-        for control in reversed(self.controls):
+        for control in reversed(controls):
             attend = _link(control, call, attend)
         return attend(q, k, v)
+
+
+BATCH_CHANGED = "batch"
+TOKENS_CHANGED = "tokens"
+
+
+def reshaped(layout: RowLayout, kind: str, q, k, extra_options) -> str | None:
+    """How another patch reshaped this call, or None when it reaches the layer as the UNet made
+    it: ``layout``'s rows, and the layer grid's tokens (queries; and keys, for self-attention)."""
+    if q.shape[0] != len(layout):
+        return BATCH_CHANGED
+    shape = extra_options.get("activations_shape")
+    if shape is None or len(shape) != 4:
+        return None
+    tokens = int(shape[-2]) * int(shape[-1])
+    if q.shape[1] != tokens or (kind == "attn1" and k.shape[1] != tokens):
+        return TOKENS_CHANGED
+    return None
 
 
 def _link(control, call, attend_next):
@@ -65,11 +115,19 @@ class SamplerRowsOnly:
         self.foreign = foreign
 
     def __call__(self, q, k, v, extra_options):
-        n = extra_options[keys.ROWS].n_sampler_rows
+        layout = extra_options[keys.ROWS]
+        rows, n = len(layout), layout.n_sampler_rows
         if q.shape[0] <= n:  # the sampler rows (or a control's subset of rows)
             return self.foreign(q, k, v, extra_options)
-        sampler = self.foreign(q[:n], k[:n], v[:n], extra_options)
-        extra = plain_attention(extra_options)(q[n:], k[n:], v[n:])
+        # Another patch may have folded tiles into the batch of some of q/k/v (HyperTile tiles
+        # the queries only: q is (b tiles) x tokens/tiles, k and v stay b x tokens), batch
+        # outermost as ComfyUI's HyperTile (einops ``(b nh nw)``) does: each tensor's sampler
+        # part is its first n x (its batch / rows) entries.
+        if any(t.shape[0] % rows for t in (q, k, v)):
+            return self.foreign(q, k, v, extra_options)
+        cut = [n * (t.shape[0] // rows) for t in (q, k, v)]
+        sampler = self.foreign(q[:cut[0]], k[:cut[1]], v[:cut[2]], extra_options)
+        extra = plain_attention(extra_options)(q[cut[0]:], k[cut[1]:], v[cut[2]:])
         return torch.cat([sampler, extra.to(sampler.dtype)])
 
 

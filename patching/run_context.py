@@ -93,6 +93,7 @@ class RunContext:
         self.routes: dict[tuple[str, tuple], list] = {}
         self._scratch: dict[str, Any] = {}
         self._started: list = []
+        self._warned: set = set()
 
     def start(self) -> None:
         for control in self.controls:
@@ -110,6 +111,12 @@ class RunContext:
         """Keys of the layers ``control`` acts on in this run."""
         return frozenset(key for (_, key), controls in self.routes.items() if control in controls)
 
+    def warn_once(self, key, message: str, *args) -> None:
+        """Log a warning the first time ``key`` comes up in this run."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
     def image_prompt_rows(self, layout: RowLayout) -> ImagePromptRows:
         positive = layout.image_prompt_rows(PROMPT_POSITIVE)
         negative = [] if self.policy.positive_only else layout.image_prompt_rows(PROMPT_NEGATIVE)
@@ -124,5 +131,6 @@ class RunContext:
                 logger.exception("QKV Control: cleanup of %s failed", control.name)
         self._started.clear()
         self._scratch.clear()
+        self._warned.clear()
         self.routes.clear()
         self.latent_image = None

@@ -36,6 +36,8 @@ class ConditionGuidanceControl(AttentionControl):
     the image term to the prompt rows as usual."""
 
     kind = "attn2"
+    # Shares text keys/values: the queries may come merged or at any count.
+    handles_token_changes = True
 
     def __init__(self, context: torch.Tensor, mode: str = "concat", layers: str = "all",
                  window: StepWindow = ALWAYS):

@@ -15,6 +15,8 @@ class MaskGuidanceControl(AttentionControl):
     """Mask guidance on the sampler's positive (user-prompt) rows of the chosen layers."""
 
     kind = "attn2"
+    # The gate is per query, normalised over the queries it gets.
+    handles_token_changes = True
 
     def __init__(self, positions: list[int], context_tokens: int, threshold: float = 0.5, strength: float = 0.5,
                  layers: str = "all", window: StepWindow = ALWAYS):
