@@ -69,8 +69,10 @@ class IPAdapterModel:
             w_k, w_v = self.kv[2 * i + 1]
             inner = layer.heads * layer.dim_head
             if w_k.shape[0] != inner:
-                raise ValueError(f"{node}: IP-Adapter weights are for another model: ip_adapter.{2 * i + 1} projects "
-                                 f"to width {w_k.shape[0]}, the model's layer {layer.describe()} has width {inner}")
+                raise ValueError(f"{node}: IP-Adapter weights are for another model than "
+                                 f"{family_name(context_dim, len(ordered))}: ip_adapter.{2 * i + 1} projects to "
+                                 f"width {w_k.shape[0]}, the model's layer {layer.describe()} has width {inner} "
+                                 f"(same layer count and context width, other attention widths)")
             result[layer.key] = (w_k, w_v)
         return result
 

@@ -206,6 +206,17 @@ def test_real_family_names_in_errors():
         adapter.layer_map(discover_layers(tiny_checkpoint("sdxl")[0]), 2048, "QKV IP-Adapter Apply")
 
 
+def test_attention_width_mismatch_names_both_shapes():
+    """Layer count and context width match, the attention widths do not: the error names the model's
+    family and both widths."""
+    state = parse_state(adapter_state("sd15", "linear", widths=(96,) * 16, cross_dim=TEXT_WIDTH))
+    model = tiny_checkpoint("sd15")[0]
+    with pytest.raises(ValueError, match=r"for another model than a model with 16 cross-attention layers, context "
+                                         r"width 64: ip_adapter.1 projects to width 96, the model.s layer .* has "
+                                         r"width 32"):
+        IPAdapterModel(state).layer_map(discover_layers(model), TEXT_WIDTH, "QKV IP-Adapter Apply")
+
+
 def test_clip_vision_width_mismatch_names_both(adapter_dir):
     adapter = IPAdapterModel(load_file(str(adapter_dir / "ip-adapter_sd15.safetensors")))
     with pytest.raises(ValueError, match=r"image_embeds of width 64 .*gives 1024 \(ViT-H\)"):
