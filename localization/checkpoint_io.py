@@ -7,6 +7,7 @@ never a bare unpickling traceback.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -56,15 +57,34 @@ def _read_pickle(path: Path, what: str) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # weights_only refuses arbitrary objects; a real weights file never needs them.
-        raise CheckpointError(
-            f"expected {what} in {path}, got a pickle that holds more than tensors "
-            f"(refused by torch.load(weights_only=True)): {error}"
-        ) from error
+        raise refused_pickle(path, what, error) from error
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
         raise CheckpointError(
             f"expected {what} in {path}, got a file torch cannot read (wrong or truncated file?): {error}"
         ) from error
+
+
+SAFE_FILE = ("A safe file is a .safetensors file, or a .pth/.bin that holds only a plain state dict "
+             "({name: tensor}, as torch.save(model.state_dict()) writes).")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def refused_pickle(path: Path, what: str, error: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a pickle ``torch.load(weights_only=True)`` refused, in plain words.
+
+    torch's own message advises re-running with ``weights_only=False``, which would run the file's code:
+    that advice is not passed on. A pickle that names a Python global (a class or function it would call
+    while loading) holds code; one the safe loader cannot parse at all is not a torch.save file.
+    """
+    found = _GLOBAL.search(str(error))
+    if found:
+        return CheckpointError(
+            f"expected {what} in {path}, got a file that holds code (loading it would call {found.group(1)}): "
+            f"it was refused and nothing in it ran. {SAFE_FILE}")
+    return CheckpointError(
+        f"expected {what} in {path}, got a file the safe loader cannot read (not a torch.save file: wrong or "
+        f"truncated, or a plain Python pickle, which can hold code): it was refused and nothing in it ran. "
+        f"{SAFE_FILE}")
 
 
 def _flatten(raw: object, path: Path, what: str) -> dict[str, torch.Tensor]:

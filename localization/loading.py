@@ -3,7 +3,8 @@
 A *file* in the original layout is converted key by key (`grounding_dino_convert`, `sam_convert`); a
 file that sits in a folder with a transformers ``config.json`` (or the folder itself) is loaded with
 ``from_pretrained(local_files_only=True)``. Grounding DINO also needs bert-base-uncased's ``vocab.txt``
-(its BERT weights are inside the original checkpoint); `find_bert_dir` says where it is looked for.
+and ``config.json`` (its BERT weights are inside the original checkpoint); `bert_files` says where they
+are looked for.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,11 @@ import torch
 
 from . import grounding_dino_convert as gd
 from . import sam_convert
-from .checkpoint_io import CheckpointError, read_state_dict
+from .bert_files import bert_candidates, bert_config_for, config_model_type, find_bert_dir, searched_places
+from .checkpoint_io import SAFE_FILE, CheckpointError, read_state_dict, refused_pickle
 
 logger = logging.getLogger("qkv_control")
 
-BERT_DIR_NAME = "bert-base-uncased"
 GROUNDING_DINO = "a Grounding DINO checkpoint"
 SAM = "a Segment Anything (SAM) checkpoint"
 
@@ -60,57 +62,32 @@ def _describe(state_dict: dict) -> str:
 def hf_folder_for(path: Path, model_type: str) -> Path | None:
     """The Hugging Face-format folder ``path`` is (or sits in), if its config.json names ``model_type``."""
     folder = path if path.is_dir() else path.parent
-    config = folder / "config.json"
-    if not config.is_file():
-        return None
+    return folder if config_model_type(folder) == model_type else None
+
+
+def _from_pretrained(model_class, folder: Path, what: str, **kwargs) -> torch.nn.Module:
+    """``model_class.from_pretrained(folder)`` offline, its failures named: a pickled weights file that holds
+    code is refused (transformers reads ``.bin`` files with ``weights_only=True``) with the file's name."""
     try:
-        found = json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return folder if found == model_type else None
-
-
-def find_bert_dir(candidates: list[Path]) -> Path:
-    """The first candidate folder holding ``vocab.txt``; a clear error listing them all otherwise."""
-    for folder in candidates:
-        if (Path(folder) / "vocab.txt").is_file():
-            return Path(folder)
-    listed = "; ".join(str(c) for c in candidates)
-    raise CheckpointError(
-        "Grounding DINO needs the bert-base-uncased tokenizer files (vocab.txt, optionally config.json "
-        f"and tokenizer_config.json) and none was found offline; expected vocab.txt in one of: {listed}"
-    )
+        return model_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        named = folder / pickles[0] if len(pickles) == 1 else folder / ("{" + ",".join(pickles) + "}")
+        raise refused_pickle(named, what, error) from error
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"expected {what} in the Hugging Face-format folder {folder}, got one transformers "
+                              f"cannot load offline: {error}. {SAFE_FILE}") from error
 
 
 def load_bert_tokenizer(folder: Path):
     from transformers import BertTokenizer
 
     # BertTokenizer(vocab_file=...) ignores the file on transformers 5.x; from_pretrained reads the folder.
-    return BertTokenizer.from_pretrained(str(folder), local_files_only=True, do_lower_case=True)
-
-
-def bert_config_for(original: dict[str, torch.Tensor], bert_dir: Path | None):
-    """BERT's config: the folder's config.json when present, else read from the checkpoint's tensors
-    (head count then assumes bert-base's 64-dim heads). Shapes always win over the json."""
-    from transformers import BertConfig
-
-    words = original["bert.embeddings.word_embeddings.weight"]
-    layers = 1 + max(int(m.group(1)) for k in original if (m := re.match(r"bert\.encoder\.layer\.(\d+)\.", k)))
-    shapes = dict(
-        vocab_size=words.shape[0],
-        hidden_size=words.shape[1],
-        num_hidden_layers=layers,
-        intermediate_size=original["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-        max_position_embeddings=original["bert.embeddings.position_embeddings.weight"].shape[0],
-        type_vocab_size=original["bert.embeddings.token_type_embeddings.weight"].shape[0],
-    )
-    json_path = bert_dir / "config.json" if bert_dir is not None else None
-    if json_path is not None and json_path.is_file():
-        config = BertConfig.from_dict(json.loads(json_path.read_text()))
-        for name, value in shapes.items():
-            setattr(config, name, value)
-        return config
-    return BertConfig(num_attention_heads=max(1, shapes["hidden_size"] // 64), **shapes)
+    try:
+        return BertTokenizer.from_pretrained(str(folder), local_files_only=True, do_lower_case=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"expected bert-base-uncased's vocab.txt in {folder}, got one the tokenizer "
+                              f"cannot read: {error}") from error
 
 
 def _without_weight_init():
@@ -152,25 +129,27 @@ def _load_converted(model: torch.nn.Module, converted: dict, path: Path, what: s
         )
 
 
-def load_grounding_dino(path: str | Path, bert_dirs: list[Path]) -> GroundingDinoBundle:
+def load_grounding_dino(path: str | Path, bert_roots: list[Path] = ()) -> GroundingDinoBundle:
     """Load Grounding DINO from an original ``.pth``/``.safetensors`` or a Hugging Face-format folder.
 
-    ``bert_dirs``: folders searched in order for bert-base-uncased's ``vocab.txt`` (an HF-format folder
-    with its own vocab.txt uses that one).
+    The BERT files are looked for next to the checkpoint, then in ``bert_roots`` (see
+    `bert_files.bert_candidates`); a Hugging Face-format folder with its own vocab.txt uses that one.
     """
     from transformers import GroundingDinoForObjectDetection
 
     path = Path(path)
+    candidates = bert_candidates(path, list(bert_roots))
+    searched = searched_places(path, list(bert_roots))
     folder = hf_folder_for(path, "grounding-dino")
     if folder is not None:
-        model = GroundingDinoForObjectDetection.from_pretrained(str(folder), local_files_only=True)
-        tokenizer = load_bert_tokenizer(find_bert_dir([folder, *bert_dirs]))
+        model = _from_pretrained(GroundingDinoForObjectDetection, folder, GROUNDING_DINO)
+        tokenizer = load_bert_tokenizer(find_bert_dir([folder, *candidates], [str(folder), *searched]))
         return GroundingDinoBundle(model.eval().float(), tokenizer, str(folder))
 
     original = read_state_dict(path, GROUNDING_DINO)
     if not gd.is_original_grounding_dino(original):
         raise CheckpointError(f"expected {GROUNDING_DINO} in {path}, got {_describe(original)}")
-    bert_dir = find_bert_dir(bert_dirs)
+    bert_dir = find_bert_dir(candidates, searched)
     config = gd.infer_grounding_dino_config(original, bert_config_for(original, bert_dir))
     converted, unrecognised = gd.convert_grounding_dino_state_dict(original)
     if unrecognised:
@@ -196,13 +175,21 @@ def _hf_sam_pixel_statistics(folder: Path) -> tuple[tuple[float, ...], tuple[flo
 
 
 def load_sam(path: str | Path) -> SamBundle:
-    """Load SAM (any ViT size) from an original ``sam_vit_*.pth`` or a Hugging Face-format folder."""
-    from transformers import SamModel
+    """Load SAM (any ViT size) from an original ``sam_vit_*.pth`` or a Hugging Face-format folder.
+
+    Either way the mask decoder's LayerNorms get the original's eps (`sam_convert.with_original_eps`).
+    """
+    from transformers import SamConfig, SamModel
 
     path = Path(path)
     folder = hf_folder_for(path, "sam")
     if folder is not None:
-        model = SamModel.from_pretrained(str(folder), local_files_only=True)
+        try:
+            config = SamConfig.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"expected {SAM} config.json in {folder}, got one that cannot be read: "
+                                  f"{error}") from error
+        model = _from_pretrained(SamModel, folder, SAM, config=sam_convert.with_original_eps(config))
         mean, std = _hf_sam_pixel_statistics(folder)
         return SamBundle(model.eval().float(), mean, std, str(folder))
 

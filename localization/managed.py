@@ -2,8 +2,9 @@
 
 Models folders (registered with ``folder_paths``): ``models/grounding-dino`` (``grounding-dino``) and
 ``models/sams`` (``sams``), the names other ComfyUI localization packs use, so files users already have
-are found. Grounding DINO's BERT vocabulary is looked for in ``<grounding-dino folder>/bert-base-uncased/``
-then ``models/bert-base-uncased/``.
+are found. Grounding DINO's BERT files are looked for next to the checkpoint, then in every
+``grounding-dino`` folder and in ``models/`` (`localization.bert_files`); files of a BERT folder are not
+offered in the Grounding DINO dropdown.
 
 Each loaded model sits in a `ManagedLocalizationModel`: a ``comfy.model_patcher.ModelPatcher`` around it
 lets ``comfy.model_management.load_models_gpu`` move it to the compute device when it is used and
@@ -23,7 +24,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
-from . import loading, pipeline
+from . import bert_files, loading, pipeline
 
 GROUNDING_DINO_FOLDER = "grounding-dino"
 SAM_FOLDER = "sams"
@@ -44,16 +45,25 @@ def register_model_folders() -> None:
             folder_paths.folder_names_and_paths[name] = ([default], set(MODEL_EXTENSIONS))
 
 
+def _inside_bert_folder(name: str, folder: str) -> bool:
+    """Whether the listed file ``name`` (relative to one of ``folder``'s paths) sits in a BERT folder."""
+    full = folder_paths.get_full_path(folder, name)
+    if full is None:
+        return False
+    parts = Path(name.replace("\\", "/")).parts
+    root = Path(full).parents[len(parts) - 1]
+    return any(bert_files.is_bert_folder(root.joinpath(*parts[:k])) for k in range(1, len(parts)))
+
+
 def model_choices(folder: str) -> list[str]:
-    """Model files of ``folder``, without the BERT tokenizer folder's files."""
-    names = folder_paths.get_filename_list(folder)
-    return [n for n in names if not n.replace("\\", "/").startswith(loading.BERT_DIR_NAME + "/")]
+    """Model files of ``folder``, without the files of BERT folders (bert-base-uncased's own weights)."""
+    return [n for n in folder_paths.get_filename_list(folder) if not _inside_bert_folder(n, folder)]
 
 
-def bert_search_dirs() -> list[Path]:
-    dirs = [Path(p) / loading.BERT_DIR_NAME for p in folder_paths.get_folder_paths(GROUNDING_DINO_FOLDER)]
-    dirs.append(Path(folder_paths.models_dir) / loading.BERT_DIR_NAME)
-    return dirs
+def bert_search_roots() -> list[Path]:
+    """Folders searched for the BERT files after the checkpoint's own: every grounding-dino folder, models/."""
+    roots = [Path(p) for p in folder_paths.get_folder_paths(GROUNDING_DINO_FOLDER)]
+    return roots + [Path(folder_paths.models_dir)]
 
 
 class _DeviceHolder(torch.nn.Module):
@@ -90,7 +100,7 @@ def manage(bundle) -> ManagedLocalizationModel:
 
 def load_grounding_dino_file(name: str) -> ManagedLocalizationModel:
     path = folder_paths.get_full_path_or_raise(GROUNDING_DINO_FOLDER, name)
-    return manage(loading.load_grounding_dino(path, bert_search_dirs()))
+    return manage(loading.load_grounding_dino(path, bert_search_roots()))
 
 
 def load_sam_file(name: str) -> ManagedLocalizationModel:
@@ -98,15 +108,23 @@ def load_sam_file(name: str) -> ManagedLocalizationModel:
     return manage(loading.load_sam(path))
 
 
+def _batch_hooks(images: torch.Tensor) -> pipeline.Hooks:
+    """An interrupt check before each image and a progress bar over the batch."""
+    progress = comfy.utils.ProgressBar(images.shape[0])
+    return pipeline.Hooks(before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
+                          after_image=lambda i: progress.update(1))
+
+
 def segment_with_text(gdino: ManagedLocalizationModel, sam: ManagedLocalizationModel, images: torch.Tensor,
                       prompt: str, **options) -> pipeline.LocalizationResult:
-    """`pipeline.text_to_masks` with both models loaded by ComfyUI's model management, a progress bar
-    over the batch, and an interrupt check before each image."""
+    """`pipeline.text_to_masks` with both models loaded by ComfyUI's model management."""
     comfy.model_management.load_models_gpu([gdino.patcher, sam.patcher])
-    progress = comfy.utils.ProgressBar(images.shape[0])
-    return pipeline.text_to_masks(
-        gdino.net, gdino.bundle.tokenizer, sam.net, sam.bundle.pixel_mean, sam.bundle.pixel_std, images, prompt,
-        before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
-        on_image_done=lambda i: progress.update(1),
-        **options,
-    )
+    return pipeline.text_to_masks(gdino.bundle, sam.bundle, images, prompt, hooks=_batch_hooks(images), **options)
+
+
+def segment_with_prompts(sam: ManagedLocalizationModel, images: torch.Tensor, positive, negative, boxes,
+                         **options) -> pipeline.LocalizationResult:
+    """`pipeline.prompts_to_masks` with SAM loaded by ComfyUI's model management."""
+    comfy.model_management.load_models_gpu([sam.patcher])
+    return pipeline.prompts_to_masks(sam.bundle, images, positive, negative, boxes, hooks=_batch_hooks(images),
+                                     **options)

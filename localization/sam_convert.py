@@ -16,6 +16,14 @@ import torch
 
 # The mask decoder's head count is not visible in any shape; every released SAM uses 8.
 SAM_DECODER_HEADS = 8
+# LayerNorm eps of segment-anything's modules: the two-way transformer of the mask decoder uses
+# ``nn.LayerNorm`` (1e-5, ``modeling/transformer.py``); the image encoder ``nn.LayerNorm(eps=1e-6)``
+# (``build_sam.py``), its neck, the prompt encoder's mask downscaling and the decoder's upscaling
+# ``LayerNorm2d`` (1e-6, ``modeling/common.py``). transformers' SAM configs default every one to 1e-6, and
+# the decoder's own final norm to 1e-5; its config ``layer_norm_eps`` sets the two-way blocks' norms.
+SAM_DECODER_LAYER_NORM_EPS = 1e-5
+SAM_ENCODER_LAYER_NORM_EPS = 1e-6
+SAM_PROMPT_LAYER_NORM_EPS = 1e-6
 # segment-anything's defaults, used when a checkpoint lacks its pixel_mean/pixel_std buffers.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -156,7 +164,16 @@ def infer_sam_config(original: dict[str, torch.Tensor]):
         iou_head_depth=_head_depth(sd),
         iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
     )
-    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    return with_original_eps(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+
+
+def with_original_eps(config):
+    """``config`` (a ``SamConfig``) with every LayerNorm eps segment-anything uses (see the constants above);
+    a Hugging Face-format SAM's config.json carries transformers' 1e-6 for the mask decoder too."""
+    config.vision_config.layer_norm_eps = SAM_ENCODER_LAYER_NORM_EPS
+    config.prompt_encoder_config.layer_norm_eps = SAM_PROMPT_LAYER_NORM_EPS
+    config.mask_decoder_config.layer_norm_eps = SAM_DECODER_LAYER_NORM_EPS
+    return config
 
 
 def sam_hf_to_original(hf: dict[str, torch.Tensor], original_keys: list[str],

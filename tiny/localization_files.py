@@ -70,13 +70,15 @@ def tiny_grounding_dino_config():
 def tiny_sam_config():
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
+    from ..localization.sam_convert import with_original_eps
+
     vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
                              image_size=64, patch_size=8, mlp_dim=64, window_size=3, global_attn_indexes=[1],
                              num_pos_feats=16)
     prompt = SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4)
     decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=8, mlp_dim=64,
                                    iou_head_hidden_dim=16)
-    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    return with_original_eps(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
 
 
 def tiny_grounding_dino(seed: int = 0):
