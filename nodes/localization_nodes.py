@@ -3,12 +3,9 @@ Localization Module), and SAM with point and box prompts in ComfyUI's convention
 
 from __future__ import annotations
 
-import contextlib
-
 from comfy_api.latest import io, ui
 
 from ..localization import detection, images, pipeline, prompts
-from ..localization.checkpoint_io import CheckpointError
 from ..localization.managed import (
     GROUNDING_DINO_FOLDER,
     SAM_FOLDER,
@@ -19,6 +16,7 @@ from ..localization.managed import (
     segment_with_prompts,
     segment_with_text,
 )
+from .naming import errors_named
 
 CATEGORY = "QKV Control/Localization"
 
@@ -43,17 +41,9 @@ class _LocalizationNode(io.ComfyNode):
                          search_aliases=list(aliases), inputs=inputs, outputs=outputs)
 
     @classmethod
-    def message(cls, text: str) -> str:
-        return text if text.startswith(cls.DISPLAY_NAME + ":") else f"{cls.DISPLAY_NAME}: {text}"
-
-    @classmethod
-    @contextlib.contextmanager
     def named_errors(cls):
         """Bad files and bad inputs reach the user as ``ValueError("<display name>: ...")``."""
-        try:
-            yield
-        except (CheckpointError, ValueError) as error:
-            raise ValueError(cls.message(str(error))) from error
+        return errors_named(cls.DISPLAY_NAME)
 
     @classmethod
     def masks_and_preview(cls, image, result: pipeline.LocalizationResult, *extra) -> io.NodeOutput:
@@ -64,8 +54,8 @@ class _LocalizationNode(io.ComfyNode):
     @classmethod
     def check_image(cls, image) -> None:
         if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
-            raise ValueError(cls.message(f"expected an IMAGE [B, H, W, 1-4 channels], got shape "
-                                         f"{tuple(image.shape)}"))
+            raise ValueError(f"{cls.DISPLAY_NAME}: expected an IMAGE [B, H, W, 1-4 channels], got shape "
+                             f"{tuple(image.shape)}")
 
 
 class _ModelLoader(_LocalizationNode):
@@ -196,7 +186,7 @@ class QKVTextSegment(_LocalizationNode):
     @classmethod
     def validate_inputs(cls, prompt: str = "", **kwargs):
         if isinstance(prompt, str) and not prompt.strip(" ."):
-            return cls.message(f"expected a prompt naming something to find, got {prompt!r}")
+            return f"{cls.DISPLAY_NAME}: expected a prompt naming something to find, got {prompt!r}"
         return True
 
     @classmethod
