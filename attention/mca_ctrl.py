@@ -1,31 +1,45 @@
 """MCA-Ctrl attention math: SALQ, SAGI, their masks and their step schedule.
 
 Paper: "Multi-party Collaborative Attention Control for Image Customization"
-(``papers/mca-ctrl.txt``). Three streams share one batch: the subject stream
-(inverted subject image), the condition stream (inverted scene, or a stream
-generated from noise with its own prompt) and the target stream (the image
-being sampled). Everything here is pure torch on ComfyUI's
-``[batch, tokens, heads*dim_head]`` layout; the glue that finds the rows is in
-``patching/mca_ctrl.py``.
+(``papers/mca-ctrl.txt``); official code: yanghan-yh/MCA-Ctrl, ``masactrl_p2p.py``
+(``McaControlReplace`` / ``McaControlGeneration``). Three streams share one batch: the
+subject stream (inverted subject image), the condition (the inverted scene; for subject
+generation the target itself, as in the official code) and the target (the image being
+sampled). Everything here is pure torch on ComfyUI's ``[batch, tokens, heads*dim_head]``
+layout; the glue that finds the rows is in ``mca_ctrl/control.py``.
 
-Mask conventions used throughout (all in ``[0, 1]``):
+Masks (all in ``[0, 1]``):
 
-- ``subject_mask`` (the paper's M_S): 1 on the subject's foreground in the
-  subject image. Dilated (3x3 by default) at each layer's token grid.
-- ``region`` (the paper's 1 - M_C): 1 where the subject goes in the target,
-  i.e. the region to replace or fill in the scene. The condition stream's
-  background is ``1 - region`` (the paper's M_C).
+- ``subject`` (the paper's M_S): 1 on the subject's foreground in the subject image.
+- ``region`` (the paper's 1 - M_C): 1 where the subject goes in the target. The
+  condition's background is where ``region < 1``.
+
+One threshold: a drawn MASK is binarised once, a pixel belonging to it when its value is
+at least ``MASK_THRESHOLD`` (0.5), so a white mask that loads as 0.996 is a full mask and
+an anti-aliased edge splits at the middle grey. Every later step (resizing, key sets,
+fusion weights, "empty" and "full") reads that binary mask, so they cannot disagree. Only
+the automatic target mask of generation is soft (its official form).
+
+Key sets and fusion, as the official code (additive 0 / ``finfo.min`` masks there; here
+gathered keys or 0 / -inf float masks, never score matrices):
+
+- subject keys: tokens where the subject mask is > 0;
+- background keys: tokens where the region is < 1, their logits raised by the region
+  value (the official code adds the mask itself: 0 for a binary mask, the soft value for
+  the automatic one);
+- fusion: ``F = region · F_subject + (1 - region) · F_background``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .sdpa import AttendFn
 from .cover_crop import cover_crop
+from .sdpa import AttendFn
 from .step_window import StepWindow
 from .token_grid import token_grid
 
@@ -37,12 +51,12 @@ ORDER_SAGI_FIRST = "sagi_first"
 ORDER_SALQ_FIRST = "salq_first"
 ORDERS = (ORDER_SAGI_FIRST, ORDER_SALQ_FIRST)
 
-# A token takes part in a masked key set when its resized mask value reaches this.
-KEY_THRESHOLD = 0.5
+# A pixel of a drawn mask belongs to it when its value reaches this (the one threshold).
+MASK_THRESHOLD = 0.5
 
 
 # ---------------------------------------------------------------------------
-# Token grids and masks
+# Masks
 
 
 def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -56,22 +70,47 @@ def as_mask_batch(mask: torch.Tensor) -> torch.Tensor:
     return mask.float().unsqueeze(1)
 
 
-def resize_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Area-average a mask ([H, W], [B, H, W] or [B, 1, H, W]) to ``grid``: [B, h*w].
+def binarize(mask: torch.Tensor) -> torch.Tensor:
+    """A drawn MASK as {0, 1} floats [B, 1, H, W]: 1 where the value is >= ``MASK_THRESHOLD``."""
+    return (as_mask_batch(mask) >= MASK_THRESHOLD).float()
 
-    Area averaging keeps a small subject visible at coarse levels as a partial
-    value instead of dropping it the way nearest sampling would.
-    """
+
+def coverage(mask: torch.Tensor) -> str:
+    """"empty", "full" or "partial": what the binarised ``mask`` covers of its image."""
+    m = binarize(mask)
+    if not bool(m.any()):
+        return "empty"
+    return "full" if bool(m.all()) else "partial"
+
+
+def resize_nearest(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, 1, H, W] (or [H, W], [B, H, W]) to ``grid`` by nearest sampling (``F.interpolate``'s
+    default mode, the official code's resizing of its masks to every layer): [B, h*w]."""
     m = as_mask_batch(mask)
-    m = F.adaptive_avg_pool2d(m, grid)
-    return m.flatten(1).clamp(0.0, 1.0)
+    if tuple(m.shape[-2:]) != tuple(grid):
+        m = F.interpolate(m, size=tuple(int(s) for s in grid), mode="nearest")
+    return m.flatten(1)
+
+
+def fit_mask(mask: torch.Tensor, source_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
+    """A drawn MASK on an image whose latent is ``source_hw``, on a ``target_hw`` latent:
+    binarised, nearest-resized to the source latent, then cover-cropped like the source's
+    stream (``attention.cover_crop``). Binary [B, 1, h, w].
+
+    For a mask on the target's own image, nearest to the latent and then nearest to a layer
+    grid (a power-of-two fraction of it) samples the same pixels as nearest from the pixels
+    to that grid, which is what the official code does."""
+    m = binarize(mask)
+    if tuple(m.shape[-2:]) != tuple(source_hw):
+        m = F.interpolate(m, size=tuple(int(s) for s in source_hw), mode="nearest")
+    return cover_crop(m, tuple(target_hw))
 
 
 def dilate(mask_tokens: torch.Tensor, grid: tuple[int, int], kernel: int) -> torch.Tensor:
     """Grey-level dilation (max filter) of [B, h*w] tokens with a ``kernel`` x ``kernel`` window.
 
-    Paper (Subject Localization Module): the mask is dilated with a 3x3 kernel
-    to leave transition space around the subject. ``kernel`` <= 1 is a no-op.
+    The paper's Subject Localization Module dilates with 3x3 to leave transition space
+    around the subject; the official code dilates nothing. ``kernel`` <= 1 is a no-op.
     """
     if kernel <= 1:
         return mask_tokens
@@ -88,75 +127,100 @@ def dilate(mask_tokens: torch.Tensor, grid: tuple[int, int], kernel: int) -> tor
 class LayerMasks:
     """The masks of one layer resolution, as token vectors.
 
-    subject_keys: bool [1, N]      subject tokens whose K/V SALQ queries (M_S, dilated)
-    subject_fg:   float [1, N]     the subject foreground weight SAGI filters with (M_S, dilated)
-    region:       float [Bt, N]    target region weight (1 - M_C), per target row or shared (Bt = 1)
+    subject_keys: bool [1, N]    subject tokens SALQ and SAGI attend (subject mask > 0)
+    region:       float [Bt, N]  target region weight (1 - M_C), per target row or shared (Bt = 1)
     """
 
     subject_keys: torch.Tensor
-    subject_fg: torch.Tensor
     region: torch.Tensor
 
     @property
     def background_keys(self) -> torch.Tensor:
-        """bool [Bt, N]: condition tokens SALQ queries (the paper's M_C, the scene background)."""
-        return self.region < KEY_THRESHOLD
+        """bool [Bt, N]: background tokens (the paper's M_C): region < 1."""
+        return self.region < 1.0
 
 
 def layer_masks(subject_mask: torch.Tensor, region_mask: torch.Tensor, latent_hw: tuple[int, int],
-                n_tokens: int, dilation: int = 3, region_dilation: int = 0) -> LayerMasks:
-    """Resize the image-space masks to one layer's token grid and dilate them."""
+                n_tokens: int, dilation: int = 1, region_dilation: int = 1) -> LayerMasks:
+    """Latent-size masks ([B, 1, h, w]: binary subject, binary or soft region) at one layer's
+    token grid: nearest-resized, then dilated.
+
+    A subject that nearest sampling misses at a coarse grid (smaller than one token there)
+    keeps the tokens it touches (max pooling), so the subject branch always has keys; the
+    official code would attend all subject tokens uniformly there (every logit at finfo.min).
+    """
     grid = token_grid(latent_hw, n_tokens)
-    subject = resize_mask(subject_mask, grid)
+    subject = resize_nearest(subject_mask, grid)
     if subject.shape[0] != 1:
         raise ValueError(f"MCA-Ctrl: expected one subject mask, got a batch of {subject.shape[0]}")
+    if not bool(subject.any()):
+        subject = F.adaptive_max_pool2d(as_mask_batch(subject_mask), grid).flatten(1)
     subject = dilate(subject, grid, dilation)
-    region = dilate(resize_mask(region_mask, grid), grid, region_dilation)
-    return LayerMasks(subject_keys=key_tokens(subject), subject_fg=subject, region=region)
-
-
-def key_tokens(mask_tokens: torch.Tensor) -> torch.Tensor:
-    """bool [B, N]: tokens at or above the key threshold. A subject smaller than one token
-    at a coarse level keeps its strongest tokens instead of vanishing."""
-    peak = mask_tokens.amax(dim=-1, keepdim=True)
-    threshold = torch.where(peak > 0, peak.clamp(max=KEY_THRESHOLD), torch.full_like(peak, KEY_THRESHOLD))
-    return mask_tokens >= threshold
+    region = dilate(resize_nearest(region_mask, grid), grid, region_dilation)
+    return LayerMasks(subject_keys=subject > 0, region=region)
 
 
 # ---------------------------------------------------------------------------
-# SALQ and SAGI
+# Masked-key attention, SALQ and SAGI
 
 
-def _select_keys(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rows: int):
-    """K/V restricted to ``keep`` tokens, for ``rows`` query rows.
+def masked_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                         attend: AttendFn, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(q K^T / sqrt(d) + b) V`` over the keys ``keep`` (bool [1 or B, Nk]) only, with
+    an optional logit ``bias`` [1 or B, Nk] on them (the official code's additive mask).
 
-    A key set shared by every row ([1, N]) is gathered (fewer keys, no mask);
-    per-row key sets become an additive 0/-inf float mask [rows, 1, N], which
-    every ComfyUI attention backend applies correctly (boolean masks are not).
-    Returns (k, v, mask or None).
+    q: [B, Nq, C]; k, v: [1 or B, Nk, C]. A key set and bias shared by every row ([1, Nk]) is
+    gathered (fewer keys; a mask only for a non-zero bias); per-row sets become an additive
+    float mask [B, 1, Nk] (0 or the bias on kept keys, -inf elsewhere), which every ComfyUI
+    attention backend applies. A row without any kept key attends to all keys instead: the
+    callers give such a row a zero fusion weight, and a finite value times 0 stays 0.
     """
-    if keep.shape[0] == 1:
+    rows = q.shape[0]
+    if bias is not None and not bool((bias.to(q.device) * keep).ne(0).any()):
+        bias = None  # a binary mask adds 0 to every kept key
+    shared = keep.shape[0] == 1 and (bias is None or bias.shape[0] == 1)
+    if shared:
         index = keep[0].nonzero().squeeze(1)
         k_sel, v_sel = k.index_select(1, index), v.index_select(1, index)
         if k_sel.shape[0] != rows:
             k_sel, v_sel = k_sel.expand(rows, -1, -1), v_sel.expand(rows, -1, -1)
-        return k_sel, v_sel, None
-    # A row without any key has a zero fusion weight for this branch (checked by the caller);
-    # let it attend everything so it yields finite values instead of NaN (NaN * 0 = NaN).
+        if bias is None:
+            return attend(q, k_sel, v_sel)
+        return attend(q, k_sel, v_sel, mask=bias[:, index].to(q.dtype).unsqueeze(1))
+    keep = keep.expand(rows, -1) if keep.shape[0] != rows else keep
     keep = keep | ~keep.any(dim=-1, keepdim=True)
-    mask = torch.zeros(keep.shape, dtype=k.dtype, device=k.device).masked_fill(~keep, float("-inf"))
+    mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+    if bias is not None:
+        mask = mask + bias.to(device=q.device, dtype=q.dtype).expand(rows, -1)
+    mask = mask.masked_fill(~keep, float("-inf"))
     if k.shape[0] != rows:
         k, v = k.expand(rows, -1, -1), v.expand(rows, -1, -1)
-    return k, v, mask.unsqueeze(1)
+    return attend(q, k, v, mask=mask.unsqueeze(1))
 
 
-def _check_nonempty(keep: torch.Tensor, needed: torch.Tensor, what: str) -> None:
-    """Rows that need a branch (``needed`` [rows]) must have at least one key in it."""
-    empty = ~keep.any(dim=-1)
-    if empty.shape[0] == 1:
-        empty = empty.expand(needed.shape[0])
-    if bool((empty & needed).any()):
-        raise ValueError(f"MCA-Ctrl SALQ: expected a non-empty {what} at this layer's resolution, got an empty one")
+def _check_rows(region: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    if region.shape[0] not in (1, rows):
+        raise ValueError(f"MCA-Ctrl {what}: expected a region mask for 1 or {rows} rows, got {region.shape[0]}")
+    return region
+
+
+def _check_subject_keys(subject_keys: torch.Tensor, what: str) -> None:
+    if not bool(subject_keys.any()):
+        raise ValueError(f"MCA-Ctrl {what}: expected a non-empty subject mask (the subject's foreground) at "
+                         f"this layer's resolution, got an empty one")
+
+
+def fuse(region: torch.Tensor, subject_part, background_part) -> torch.Tensor:
+    """``region · F_subject + (1 - region) · F_background`` (the paper's fusion, both SALQ and
+    SAGI), each part a zero-argument function computed only where its weight is non-zero
+    somewhere: an all-ones region is pure subject attention, an all-zeros one pure background."""
+    out = None
+    if bool((region > 0).any()):
+        out = region.unsqueeze(-1) * subject_part()
+    if bool((region < 1).any()):
+        part = (1.0 - region).unsqueeze(-1) * background_part()
+        out = part if out is None else out + part
+    return out
 
 
 def salq(q: torch.Tensor,
@@ -164,59 +228,56 @@ def salq(q: torch.Tensor,
          k_condition: torch.Tensor, v_condition: torch.Tensor,
          subject_keys: torch.Tensor, region: torch.Tensor,
          attend: AttendFn) -> torch.Tensor:
-    """Self-Attention Local Query (paper, SALQ):
+    """Self-Attention Local Query (paper, SALQ; official ``attn_batch(..., is_mask_attn=True)``):
 
-        F_TS = Attn(Q_T, K_S[M_S], V_S[M_S])          subject foreground keys only
-        F_TC = Attn(Q_T, K_C[M_C], V_C[M_C])          condition background keys only
-        F*_T = M_C · F_TC + (1 - M_C) · F_TS          with M_C = 1 - region
+        F_TS = Attn(Q_T, K_S[M_S], V_S[M_S])           subject foreground keys only
+        F_TC = Attn(Q_T, K_C[M_C], V_C[M_C])           condition background keys only
+        F*_T = M_C · F_TC + (1 - M_C) · F_TS            with M_C = 1 - region
 
-    q:            [B, Nq, C] target queries
-    k_/v_subject: [1 or B, Nk, C] the subject row's keys/values (broadcast to B)
-    k_/v_condition: [1 or B, Nk, C] each target row's condition keys/values
-    subject_keys: bool [1 or B, Nk]; region: float [1 or B, Nq] in [0, 1]
-    attend:       attend(q, k, v, mask=None), the rest of the attention chain
-
-    A branch whose fusion weight is zero for every row is not computed, so an
-    all-ones region is pure subject attention and an all-zeros region pure
-    condition attention.
+    q:              [B, Nq, C] target queries
+    k_/v_subject:   [1 or B, Nk, C] each target row's subject keys/values
+    k_/v_condition: [1 or B, Nk, C] each target row's condition keys/values (the scene; in
+                    generation the target row's own)
+    subject_keys:   bool [1, Nk]; region: float [1 or B, N] in [0, 1]
+    attend:         attend(q, k, v, mask=None)
     """
-    rows = q.shape[0]
-    region = region.to(q)
-    if region.shape[0] not in (1, rows):
-        raise ValueError(f"MCA-Ctrl SALQ: expected a region mask for 1 or {rows} rows, got {region.shape[0]}")
-    background_keys = region < KEY_THRESHOLD
-    # A row needs a branch where its fusion weight is non-zero somewhere.
-    need_subject = (region > 0).any(dim=-1).expand(rows)
-    need_condition = (region < 1).any(dim=-1).expand(rows)
-    out = None
-    if bool(need_subject.any()):
-        _check_nonempty(subject_keys, need_subject, "subject mask (the subject's foreground)")
-        k, v, mask = _select_keys(k_subject, v_subject, subject_keys, rows)
-        f_subject = attend(q, k, v, mask=mask) if mask is not None else attend(q, k, v)
-        out = region.unsqueeze(-1) * f_subject
-    if bool(need_condition.any()):
-        _check_nonempty(background_keys, need_condition, "scene background (outside the target mask)")
-        k, v, mask = _select_keys(k_condition, v_condition, background_keys, rows)
-        f_condition = attend(q, k, v, mask=mask) if mask is not None else attend(q, k, v)
-        part = (1.0 - region).unsqueeze(-1) * f_condition
-        out = part if out is None else out + part
-    return out
+    return _masked_fusion(q, q, k_subject, v_subject, k_condition, v_condition, subject_keys, region, attend,
+                          "SALQ")
 
 
-def sagi(out_subject: torch.Tensor, out_condition: torch.Tensor,
-         subject_fg: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Self-Attention Global Injection (paper, SAGI):
+def sagi(q_subject: torch.Tensor, k_subject: torch.Tensor, v_subject: torch.Tensor,
+         q_condition: torch.Tensor, k_condition: torch.Tensor, v_condition: torch.Tensor,
+         subject_keys: torch.Tensor, region: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    """Self-Attention Global Injection, the official form (``attn_batch2``): the target's
+    output is the streams' own masked self-attention, the target's q/k/v unused:
 
-        F^I_S = M_S ⊙ F_S,  F^I_C = M_C ⊙ F_C,   F*_T = M_C · F^I_C + (1 - M_C) · F^I_S
+        F^I_S = Attn(Q_S, K_S[M_S], V_S[M_S])          the subject's attention over its foreground
+        F^I_C = Attn(Q_C, K_C[M_C], V_C[M_C])          the condition's attention over its background
+        F*_T  = M_C · F^I_C + (1 - M_C) · F^I_S
 
-    with M_C = 1 - region. The condition's background filter and its fusion
-    weight are the same mask, applied once (identical for binary masks).
-    out_subject / out_condition: [1 or B, N, C] the streams' own self-attention
-    outputs; subject_fg: [1, N]; region: [1 or B, N]. Returns [B', N, C].
+    The paper writes ``F^I_S = M_S ⊙ F_S`` (all-key outputs multiplied by the masks); the
+    official code restricts the keys instead, which is what runs here (docs/mca_ctrl.md).
+    Every tensor has one row per target row ([B, N, C]; the subject and condition rows
+    that target row uses, repeated as needed); region: [1 or B, N].
     """
-    region = region.to(out_subject).unsqueeze(-1)
-    fg = subject_fg.to(out_subject).unsqueeze(-1)
-    return (1.0 - region) * out_condition + region * (fg * out_subject)
+    return _masked_fusion(q_subject, q_condition, k_subject, v_subject, k_condition, v_condition, subject_keys,
+                          region, attend, "SAGI")
+
+
+def _masked_fusion(q_fg, q_bg, k_subject, v_subject, k_condition, v_condition, subject_keys, region, attend,
+                   what: str) -> torch.Tensor:
+    """``region · Attn(q_fg, K_S[M_S]) + (1 - region) · Attn(q_bg, K_C[M_C], bias region)``: SALQ
+    with the target's queries on both sides, SAGI with each stream's own."""
+    region = _check_rows(region.to(q_fg), q_fg.shape[0], what)
+
+    def subject_part():
+        _check_subject_keys(subject_keys, what)
+        return masked_key_attention(q_fg, k_subject, v_subject, subject_keys, attend)
+
+    def background_part():
+        return masked_key_attention(q_bg, k_condition, v_condition, region < 1.0, attend, bias=region)
+
+    return fuse(region, subject_part, background_part)
 
 
 # ---------------------------------------------------------------------------
@@ -268,44 +329,33 @@ class PhaseSchedule:
 
 
 # ---------------------------------------------------------------------------
-# Automatic target mask
+# Automatic target mask (subject generation)
 
 
-def top_fraction_mask(token_map: torch.Tensor, fraction: float = 0.3) -> torch.Tensor:
-    """Binary mask of the ``fraction`` highest tokens of each row of ``token_map`` [B, N].
+def normalise_min_max(word_map: torch.Tensor) -> torch.Tensor:
+    """Each row of [B, N] scaled to [0, 1] by its minimum and maximum (official
+    ``aggregate_cross_attn_map``); a constant row becomes 0."""
+    low = word_map.amin(dim=-1, keepdim=True)
+    span = word_map.amax(dim=-1, keepdim=True) - low
+    return torch.where(span > 0, (word_map - low) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(word_map))
 
-    Official MCA-Ctrl code: the target mask is the top 30% of the subject word's
-    cross-attention at 16x16.
-    """
+
+def automatic_region(word_map: torch.Tensor, map_grid: tuple[int, int], grid: tuple[int, int],
+                     fraction: float = 0.3) -> torch.Tensor:
+    """The official automatic target mask at one layer's ``grid``: the subject word's
+    accumulated cross-attention map ``word_map`` [B, h*w] (at ``map_grid``), min-max
+    normalised, nearest-resized to the layer, and its ``int(N * fraction)`` highest tokens set
+    to 1; the other tokens keep their normalised value (a soft mask). [B, N]."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"MCA-Ctrl: expected a top fraction in (0, 1], got {fraction}")
-    n = token_map.shape[-1]
-    count = max(1, round(fraction * n))
-    index = token_map.topk(count, dim=-1).indices
-    return torch.zeros_like(token_map).scatter_(-1, index, 1.0)
-
-
-
-
-# ---------------------------------------------------------------------------
-# Aligning masks with the latents the streams run at
-
-
-def fit_mask(mask: torch.Tensor, source_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
-    """A MASK drawn on an image whose latent is ``source_hw``, on a ``target_hw`` latent:
-    area-resized to the source latent, then cover-cropped like the source's stream
-    (``attention.cover_crop``). [B, 1, H, W]."""
-    m = F.adaptive_avg_pool2d(as_mask_batch(mask), tuple(source_hw))
-    return cover_crop(m, tuple(target_hw)).clamp(0.0, 1.0)
-
-
-def resize_tokens(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]) -> torch.Tensor:
-    """[B, h*w] token values from one grid to another (area down, bilinear up)."""
-    if tuple(grid_from) == tuple(grid_to):
-        return tokens
-    m = tokens.view(tokens.shape[0], 1, grid_from[0], grid_from[1]).float()
-    if grid_to[0] <= grid_from[0] and grid_to[1] <= grid_from[1]:
-        m = F.adaptive_avg_pool2d(m, grid_to)
-    else:
-        m = F.interpolate(m, size=grid_to, mode="bilinear", align_corners=False)
-    return m.flatten(1).clamp(0.0, 1.0)
+    m = normalise_min_max(word_map.float()).view(-1, 1, *map_grid)
+    m = resize_nearest(m, grid)
+    count = int(m.shape[-1] * fraction)
+    out = m.clone()
+    for row in range(m.shape[0]):
+        if count > 0:
+            # One row at a time, as the official code ranks its single map (same tie order).
+            index = torch.topk(m[row].contiguous(), count, sorted=False).indices
+            out[row, index] = 1.0
+    return out

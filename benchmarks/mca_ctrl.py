@@ -1,9 +1,14 @@
 """MCA-Ctrl cost: UNet rows per step, time and peak memory against plain sampling.
 
 plain 2 rows:   KSampler, one image, cfg > 1 (cond + uncond)
-plain 4 rows:   KSampler, two images, cfg > 1: the same row count as MCA-Ctrl
-replace / add:  MCA-Ctrl with a subject and a scene inversion (target cond + uncond + subject + scene)
-generation:     MCA-Ctrl with a generated condition stream and the automatic target mask
+plain 4 rows:   KSampler, two images, cfg > 1: the same row count as conflict-free replacement
+replace / add:  MCA-Ctrl with a subject and a scene inversion. Official (no guidance node): both CFG
+                branches, a subject and a scene row per branch: 6 rows (the official code's 6).
+                Conflict-free (Image Prompt Guidance positive_only): 2 + subject + scene = 4 rows.
+generation:     MCA-Ctrl with the automatic target mask, no condition stream (official): target
+                cond + uncond + a subject row per branch = 4 rows (official 4); conflict-free 3.
+                Its first step is plain (the automatic mask needs a step of maps): 8 steps
+                average (7 x 4 + 2) / 8 = 3.75 and (7 x 3 + 2) / 8 = 2.875.
 Inversions run before timing (they are cached per image in real use). Prints ratios, asserts nothing.
 """
 
@@ -24,9 +29,11 @@ if not torch.cuda.is_available():
 
 from qkv_control.attention import mca_ctrl as mca  # noqa: E402
 from qkv_control.inversion.invert import invert  # noqa: E402
-from qkv_control.mca_ctrl.config import AutoMask, ConditionPrompt, Masks, Schedule, Streams  # noqa: E402
+from qkv_control.mca_ctrl.config import AutoMask, Masks, Schedule, Streams  # noqa: E402
 from qkv_control.mca_ctrl.control import MCACtrl  # noqa: E402
-from qkv_control.patching.patch import add_control  # noqa: E402
+from qkv_control.patching import keys  # noqa: E402
+from qkv_control.patching.image_prompt_policy import ImagePromptPolicy  # noqa: E402
+from qkv_control.patching.patch import add_control, set_transformer_option  # noqa: E402
 
 
 def _conditioning(context_dim, seed):
@@ -93,16 +100,27 @@ def _rows(name, model, context_dim, size, steps, repeats):
     scene, _ = invert(model, torch.randn(1, 4, size, size, generator=generator) * 0.5, steps, "normal")
     subject_mask, region = _masks(size)
     schedule = Schedule(mca.PhaseSchedule(0.1, 1.0))
-    replace = MCACtrl(Streams(subject, scene=scene), Masks(subject_mask, region), schedule)
-    generate = MCACtrl(Streams(subject, prompt=ConditionPrompt(pos[0][0])),
-                       Masks(subject_mask, auto=AutoMask((1, 2))), schedule)
-    counters = {"replace / add": RowCounter(replace), "generation (auto mask)": RowCounter(generate)}
+
+    def conflict_free(model):
+        return set_transformer_option(model, keys.IMAGE_PROMPT_POLICY, ImagePromptPolicy("positive_only"))
+
+    controls = {
+        "replace / add": (MCACtrl(Streams(subject, scene=scene), Masks(subject_mask, region), schedule), None),
+        "replace / add, conflict-free": (MCACtrl(Streams(subject, scene=scene), Masks(subject_mask, region),
+                                                 schedule), conflict_free),
+        "generation (auto mask)": (MCACtrl(Streams(subject), Masks(subject_mask, auto=AutoMask((1, 2))), schedule),
+                                   None),
+        "generation, conflict-free": (MCACtrl(Streams(subject), Masks(subject_mask, auto=AutoMask((1, 2))),
+                                              schedule), conflict_free),
+    }
+    counters = {case: RowCounter(control) for case, (control, _) in controls.items()}
     cases = {
         "plain, 1 image": _ksampler(model, pos, neg, size, steps, 1),
         "plain, 2 images": _ksampler(model, pos, neg, size, steps, 2),
-        "replace / add": _ksampler(add_control(model, replace), pos, neg, size, steps, 1),
-        "generation (auto mask)": _ksampler(add_control(model, generate), pos, neg, size, steps, 1),
     }
+    for case, (control, wrap) in controls.items():
+        patched = add_control(model, control)
+        cases[case] = _ksampler(wrap(patched) if wrap else patched, pos, neg, size, steps, 1)
     best, peak = _interleaved(cases, repeats)
     plain_t, four_t, plain_m = best["plain, 1 image"], best["plain, 2 images"], peak["plain, 1 image"]
     table = []

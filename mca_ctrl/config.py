@@ -13,40 +13,30 @@ from ..attention import mca_ctrl as mca
 from ..inversion.result import InversionResult
 
 
-@dataclass(frozen=True)
-class ConditionPrompt:
-    """The condition stream of subject generation, generated from the target's noise with its
-    own prompt (``mca_ctrl.streams.GeneratedStream``).
-
-    context: [1, T, D] cross-attention context of the condition prompt.
-    conds:   other per-row model inputs (missing ones copy a positive sampler row).
-    cfg:     1 = one row per image and step, no CFG; above 1 a second row runs the target's
-             negative prompt and the stream is guided.
-    """
-
-    context: torch.Tensor
-    conds: Optional[dict] = None
-    cfg: float = 1.0
-
-
 @dataclass(frozen=True, eq=False)
 class Streams:
-    """subject: the inverted subject image (one image). Then either ``scene``, the inverted
-    scene (replacement / addition), or ``prompt``, a generated condition stream (generation)."""
+    """subject: the inverted subject image (one image). scene: the inverted scene
+    (replacement / addition); None for subject generation, where, as in the official code, the
+    target's own keys/values outside the mask are the background (no condition stream)."""
 
     subject: InversionResult
     scene: Optional[InversionResult] = None
-    prompt: Optional[ConditionPrompt] = None
 
 
 @dataclass(frozen=True)
 class AutoMask:
-    """The automatic target mask of generation: the top ``fraction`` of the subject word's
-    cross-attention (tokens ``subject_tokens`` of the condition prompt) at ``layers``."""
+    """The automatic target mask of generation (official code): the subject word's
+    cross-attention in the target's positive row (tokens ``subject_tokens`` of the prompt),
+    averaged over every ``layers`` cross-attention call since the run's first step; its top
+    ``fraction`` of tokens set to 1, the rest keeping their normalised value.
+
+    prompt_context: the encoded prompt the tokens were found in ([1, T, D]), to warn when the
+    sampler's positive prompt is another one; None skips the check."""
 
     subject_tokens: tuple[int, ...]
     layers: str = "level:2"
     fraction: float = 0.3
+    prompt_context: Optional[torch.Tensor] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,12 +44,13 @@ class Masks:
     """subject: MASK [1, H, W] of the subject's foreground on the subject image (M_S).
     region:  MASK [1 or B, H, W] of where the subject goes in the target / scene (1 - M_C);
              None with ``auto`` (generation only).
-    Dilation kernels apply at each layer's token grid (1 = none)."""
+    Both are binarised at ``attention.mca_ctrl.MASK_THRESHOLD``. Dilation kernels apply at
+    each layer's token grid (1 = none, the official code; the paper dilates by 3)."""
 
     subject: torch.Tensor
     region: Optional[torch.Tensor] = None
-    subject_dilation: int = 3
-    region_dilation: int = 0
+    subject_dilation: int = 1
+    region_dilation: int = 1
     auto: Optional[AutoMask] = None
 
 

@@ -1,16 +1,25 @@
-"""The MCA-Ctrl attention control: three streams in one batch, SALQ and SAGI in the
-target's self-attention.
+"""The MCA-Ctrl attention control: the streams in one batch, SALQ and SAGI in the target's
+self-attention, as the official code (yanghan-yh/MCA-Ctrl) runs them.
 
-Rows of a UNet call while MCA-Ctrl is active (paper, "Overall Architecture"):
+Rows of a UNet call while MCA-Ctrl is active:
 
-- target: the sampler's own rows (cond / uncond, any batch size); starts from the
-  condition stream's initial latent (``start_latent``);
-- subject: one row, the inverted subject image at the call's sigma (no CFG);
-- condition: one row, the inverted scene (replacement / addition), or one row per
-  batch item generated from the target's noise with its own prompt (generation).
+- target: the sampler's own rows (cond / uncond, any batch size). Replacement / addition
+  start it from the scene's inverted latent (``start_latent``).
+- subject: the inverted subject image at the call's sigma, one row per CFG branch the call
+  controls, run with that branch's text. The official pipeline runs every stream inside
+  CFG (its batch is ``[streams..., target] x (uncond, cond)``), so the negative branch's
+  target sees a subject row with the negative prompt, the positive branch's one with the
+  positive prompt. The rows' own predictions are discarded (the next step takes the
+  inverted latent again).
+- condition: replacement / addition: the inverted scene, one row per controlled branch
+  likewise. Subject generation: none; the target's own keys/values outside the mask are the
+  background (official).
 
-So a CFG step costs 4 rows for one image (the official code runs 6). Outside the
-scheduled steps no row is appended and every layer runs plain attention.
+Which branches: both, as the official code, unless an Image Prompt Guidance node says
+otherwise (``positive_only`` / ``negative_image``: the negative branch runs plain and each
+stream costs one row). One image at CFG: replacement 6 rows per step (official 6),
+generation 4 (official 4); conflict-free 4 and 3. Outside the scheduled steps no row is
+appended and every layer runs plain attention.
 """
 
 from __future__ import annotations
@@ -22,30 +31,44 @@ from typing import Optional
 import torch
 
 from ..attention import mca_ctrl as mca
-from ..attention.cross_attention import word_attention_map
+from ..attention.cross_attention import word_attention_probs
 from ..attention.layers import select_layers
-from ..attention.rows import PROMPT_POSITIVE, ROLE_CONDITION, ROLE_SUBJECT
+from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
 from ..attention.token_grid import token_grid
 from ..inversion.stream import InvertedStream
-from ..patching.control import AttentionControl
+from ..patching import keys
+from ..patching.control import AttentionControl, ExtraRow
 from ..patching.image_prompt_policy import BOTH
 from ..patching.prompt_tokens import expand_positions
 from .config import Masks, Schedule, Streams
-from .streams import GeneratedStream
 
 logger = logging.getLogger("qkv_control")
 
 NAME = "MCA-Ctrl"
 
+# A stream row serving a CFG branch carries the branch's ComfyUI code as its ``item``.
+_BRANCH_CODE = {ROLE_COND: 0, ROLE_UNCOND: 1}
 
-def target_rows(run, layout) -> list[int]:
-    """Sampler rows MCA-Ctrl controls: those that see the image prompt (``Row.image_prompt``)
-    under the run's policy. The positive branch always; the negative branch too under ``both``
-    (the official code's setting). Under ``positive_only`` (the default, conflict-free) and
-    ``negative_image`` (MCA-Ctrl has no negative subject) the negative rows run plain attention."""
-    seeing = run.image_prompt_rows(layout)
-    rows = seeing.all if run.policy.mode == BOTH else seeing.positive
-    return [i for i in rows if layout.rows[i].is_sampler_row]
+
+def controls_both_branches(run) -> bool:
+    """Whether MCA-Ctrl controls the negative CFG branch too: yes without an Image Prompt
+    Guidance node on the model (the official code) or under ``both``; the conflict-free
+    ``positive_only`` and ``negative_image`` (MCA-Ctrl has no negative subject) leave the
+    negative branch plain."""
+    options = run.model_patcher.model_options.get("transformer_options", {})
+    if keys.IMAGE_PROMPT_POLICY not in options:
+        return True
+    return run.policy.mode == BOTH
+
+
+def sampler_row_text(call, index: int) -> tuple[Optional[torch.Tensor], dict]:
+    """(context [1, T, D] or None, per-row model inputs such as SDXL's ``y``) of sampler row
+    ``index``: the text a stream row serving that row's CFG branch runs with."""
+    batch = call.x.shape[0]
+    conds = {name: value[index:index + 1] for name, value in call.conds.items()
+             if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch}
+    context = None if call.context is None else call.context[index:index + 1]
+    return context, conds
 
 
 def _check_aspect(label, mask, latent_hw, what, image) -> None:
@@ -59,37 +82,40 @@ def _check_aspect(label, mask, latent_hw, what, image) -> None:
 
 
 @dataclass
-class _AutoCapture:
-    """The automatic mask being summed over the layers of one step."""
+class _WordMaps:
+    """The subject word's cross-attention, summed per batch item since the run's first step."""
 
-    step: int
     grid: tuple[int, int]
-    sum: torch.Tensor       # [items, N] summed word maps
-    count: int = 1
+    sums: dict = field(default_factory=dict)    # item -> [N] summed head-mean maps
+    counts: dict = field(default_factory=dict)  # item -> number of maps summed
+
+    def mean(self, item: int) -> Optional[torch.Tensor]:
+        total = self.sums.get(item)
+        return None if total is None else total / self.counts[item]
 
 
 @dataclass
 class _Scratch:
     phase_layers: dict                        # phase -> frozenset of layer keys
-    auto_layers: frozenset                    # cross-attention layers of the automatic mask
-    anchors: dict = field(default_factory=dict)       # generated condition stream, per item
+    auto_layers: frozenset = frozenset()      # cross-attention layers of the automatic mask
+    both_branches: bool = True
     masks: dict = field(default_factory=dict)         # (latent hw, tokens, version) -> LayerMasks
-    latent_masks: dict = field(default_factory=dict)  # latent hw -> (subject [1,1,H,W], region or None)
-    auto: Optional[_AutoCapture] = None               # automatic mask of the current step
-    auto_region: Optional[tuple] = None               # (grid, region [items, N]) in use
+    latent_masks: dict = field(default_factory=dict)  # latent hw -> (subject [1,1,h,w], region or None)
+    word_maps: Optional[_WordMaps] = None
     auto_version: int = 0
     warned: set = field(default_factory=set)
 
 
-def new_scratch(phase_layers=None, auto_layers=frozenset()) -> _Scratch:
+def new_scratch(phase_layers=None, auto_layers=frozenset(), both_branches=True) -> _Scratch:
     """An empty scratch space (also for calling the mask helpers outside a run)."""
-    return _Scratch(phase_layers=phase_layers or {}, auto_layers=auto_layers)
+    return _Scratch(phase_layers=phase_layers or {}, auto_layers=auto_layers, both_branches=both_branches)
 
 
 class MCACtrl(AttentionControl):
     """Configuration of one MCA-Ctrl application (immutable); run state in ``run.scratch(self)``.
 
-    streams:  the subject inversion and the scene inversion or a generated condition prompt
+    streams:  the subject inversion, and the scene inversion (replacement / addition) or
+              none (generation)
     masks:    the subject mask, the target mask (or the automatic one), dilations
     schedule: SAGI/SALQ phases and their layers
     """
@@ -98,22 +124,20 @@ class MCACtrl(AttentionControl):
 
     def __init__(self, streams: Streams, masks: Masks, schedule: Schedule = Schedule(), label: str = NAME):
         super().__init__()
-        subject, scene, prompt = streams.subject, streams.scene, streams.prompt
+        subject, scene = streams.subject, streams.scene
         if subject.batch != 1:
             raise ValueError(f"{label}: expected one subject image, got a batch of {subject.batch}")
-        if (scene is None) == (prompt is None):
-            raise ValueError(f"{label}: expected either a scene inversion or a condition prompt, got "
-                             f"{'both' if scene is not None else 'neither'}")
         if scene is not None and scene.batch != 1:
             raise ValueError(f"{label}: expected one scene image, got a batch of {scene.batch}")
         if masks.region is None and (scene is not None or masks.auto is None or not masks.auto.subject_tokens):
             raise ValueError(f"{label}: expected a target mask (or, for generation, a subject word found in "
-                             f"the condition prompt for the automatic mask), got neither")
+                             f"the prompt for the automatic mask), got neither")
         subject_mask = mca.as_mask_batch(masks.subject)
         if subject_mask.shape[0] != 1:
             raise ValueError(f"{label}: expected one subject mask, got a batch of {subject_mask.shape[0]}")
-        if float(subject_mask.max()) <= 0:
-            raise ValueError(f"{label}: expected a subject mask with a foreground, got an empty mask")
+        if mca.coverage(subject_mask) == "empty":
+            raise ValueError(f"{label}: expected a subject mask with a foreground (pixels >= "
+                             f"{mca.MASK_THRESHOLD}), got none (largest value {float(subject_mask.max()):.3f})")
         _check_aspect(label, subject_mask, subject.chain.latent_shape[1:], "subject mask", "subject image")
         if masks.region is not None and scene is not None:
             _check_aspect(label, mca.as_mask_batch(masks.region), scene.chain.latent_shape[1:],
@@ -126,23 +150,39 @@ class MCACtrl(AttentionControl):
         self.label = label
         self.subject_mask = subject_mask
         self.region_mask = None if masks.region is None else mca.as_mask_batch(masks.region)
-        self.generated = None if prompt is None else GeneratedStream(prompt.context, prompt.conds, cfg=prompt.cfg)
         self.subject_stream = InvertedStream(subject, ROLE_SUBJECT, f"{label} subject")
-        self.condition_stream = None if scene is None else InvertedStream(scene, ROLE_CONDITION, f"{label} scene")
+        self.scene_stream = None if scene is None else InvertedStream(scene, ROLE_CONDITION, f"{label} scene")
+        self._say_what_the_target_mask_does()
+
+    def _say_what_the_target_mask_does(self) -> None:
+        """A full or empty target mask is valid; say before sampling what it will do."""
+        if self.region_mask is None:
+            return
+        covered = mca.coverage(self.region_mask)
+        threshold = f"(no pixel >= {mca.MASK_THRESHOLD})"
+        if covered == "empty" and self.scene is not None:
+            logger.warning("%s: the target mask is empty %s: nothing is replaced; the image follows the scene's "
+                           "inversion (its reconstruction)", self.label, threshold)
+        elif covered == "empty":
+            logger.warning("%s: the target mask is empty %s: the subject is not placed; the image is the prompt's "
+                           "plain generation", self.label, threshold)
+        elif covered == "full":
+            logger.warning("%s: the target mask covers the whole image (every pixel >= %s): no background is "
+                           "kept; the whole image takes the subject's appearance", self.label, mca.MASK_THRESHOLD)
 
     @property
     def subject(self):
         return self.streams.subject
 
     @property
-    def condition(self):
+    def scene(self):
         return self.streams.scene
 
-    # ------------------------------------------------------------------ layers
     @property
     def automatic_mask(self) -> bool:
         return self.region_mask is None
 
+    # ------------------------------------------------------------------ layers
     def _auto_layers(self, layers):
         try:
             return select_layers(self.masks.auto.layers, layers, "attn2")
@@ -168,41 +208,68 @@ class MCACtrl(AttentionControl):
     # --------------------------------------------------------------------- run
     def start_run(self, run) -> _Scratch:
         auto = frozenset(layer.key for layer in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
-        return new_scratch(self._phase_layers(run.layers), auto)
+        return new_scratch(self._phase_layers(run.layers), auto, controls_both_branches(run))
 
     def phase(self, run, sigma: float) -> str:
+        """The phase MCA-Ctrl runs at ``sigma``: the schedule's, except that the automatic mask
+        needs one step of cross-attention maps, so its first step is plain (official: SAGI
+        from step 1)."""
+        if self.automatic_mask and run.clock.step(sigma) == 0:
+            return mca.PHASE_NONE
         return self.schedule.phases.phase(run.clock.step(sigma), run.clock.steps)
 
     def start_latent(self, run, noise: torch.Tensor) -> Optional[torch.Tensor]:
         """Replacement / addition: the target starts from the scene's inverted latent at the
         run's first sigma (paper: the target shares the condition's initial features)."""
-        if self.condition is None:
+        if self.scene is None:
             return None
-        if noise.shape[1] != self.condition.latent_channels:
-            raise ValueError(f"{self.label}: expected {self.condition.latent_channels}-channel latents "
+        if noise.shape[1] != self.scene.latent_channels:
+            raise ValueError(f"{self.label}: expected {self.scene.latent_channels}-channel latents "
                              f"(the scene inversion's), got {noise.shape[1]}")
         height, width = noise.shape[-2:]
-        return self.condition.chain.resized(height, width).latent_at(run.clock.first_sigma)
+        return self.scene.chain.resized(height, width).latent_at(run.clock.first_sigma)
 
     # -------------------------------------------------------------------- rows
+    def target_rows(self, st: _Scratch, layout) -> list[int]:
+        """Sampler rows MCA-Ctrl controls: the positive branch, and the negative one too unless
+        the guidance policy is conflict-free (``controls_both_branches``)."""
+        roles = (ROLE_COND, ROLE_UNCOND) if st.both_branches else (ROLE_COND,)
+        return [i for i, row in enumerate(layout.rows) if row.is_sampler_row and row.role in roles]
+
+    def _stream_rows(self, call, stream: InvertedStream, targets: list[int]) -> list[ExtraRow]:
+        """One row of ``stream`` per CFG branch among ``targets``, with the branch's own text
+        (that of the branch's first target row; batch items share it)."""
+        stream.check_call(call)
+        x = stream.latents_for(call)
+        rows = []
+        for role, code in _BRANCH_CODE.items():
+            first = next((t for t in targets if call.layout.rows[t].role == role), None)
+            if first is None:
+                continue
+            context, conds = sampler_row_text(call, first)
+            if context is None:
+                context, conds = stream.inversion.context, dict(stream.inversion.conds)
+            rows.append(ExtraRow(role=stream.role, x=x[:1], context=context, conds=conds, item=code))
+        return rows
+
     def extra_rows(self, call):
         run = call.run
+        st: _Scratch = run.scratch(self)
+        if self.automatic_mask:
+            self._check_prompt(call, st)
+        targets = self.target_rows(st, call.layout)
+        if not targets:
+            return []
         if self.phase(run, call.sigma_value) == mca.PHASE_NONE:
             return []
-        if not target_rows(run, call.layout):
-            return []
-        rows = self.subject_stream.rows_for(call)
-        if self.condition_stream is not None:
-            rows += self.condition_stream.rows_for(call)
-        else:
-            items = sorted({row.item for row in call.layout.rows if row.is_sampler_row})
-            # The generated condition stream is a text-to-image stream like the target: it sees
-            # the positive image prompt of other controls (an IP-Adapter on the model).
-            rows += self.generated.rows_for(call, run.scratch(self).anchors, items, image_prompt=PROMPT_POSITIVE)
+        rows = self._stream_rows(call, self.subject_stream, targets)
+        if self.scene_stream is not None:
+            rows += self._stream_rows(call, self.scene_stream, targets)
         return rows
 
     # -------------------------------------------------------------------- masks
     def _latent_masks(self, st: _Scratch, latent_hw):
+        """The drawn masks on the target's latent: binarised, fitted (cover + centre crop)."""
         cached = st.latent_masks.get(latent_hw)
         if cached is None:
             subject_hw = tuple(self.subject.chain.latent_shape[1:])
@@ -216,128 +283,155 @@ class MCACtrl(AttentionControl):
                 )
             region = None
             if self.region_mask is not None:
-                scene_hw = tuple(self.condition.chain.latent_shape[1:]) if self.condition is not None else latent_hw
+                scene_hw = tuple(self.scene.chain.latent_shape[1:]) if self.scene is not None else latent_hw
                 region = mca.fit_mask(self.region_mask, scene_hw, latent_hw)
-                if float(region.max()) <= 0 and "empty" not in st.warned:
-                    st.warned.add("empty")
-                    logger.warning("%s: the target mask is empty; the scene is reconstructed unchanged", self.label)
             cached = (subject, region)
             st.latent_masks[latent_hw] = cached
         return cached
 
-    def _layer_masks(self, st: _Scratch, latent_hw, n_tokens) -> Optional[mca.LayerMasks]:
+    def _layer_masks(self, st: _Scratch, latent_hw, n_tokens, items) -> Optional[mca.LayerMasks]:
         version = st.auto_version if self.automatic_mask else 0
         key = (latent_hw, n_tokens, version)
         masks = st.masks.get(key)
         if masks is not None:
             return masks
         subject, region = self._latent_masks(st, latent_hw)
-        if region is None:
-            if st.auto_region is None:
+        dilation = self.masks.subject_dilation
+        if region is not None:
+            masks = mca.layer_masks(subject, region, latent_hw, n_tokens, dilation, self.masks.region_dilation)
+        else:
+            maps = st.word_maps
+            per_item = [None if maps is None else maps.mean(item) for item in range(max(items) + 1)]
+            if any(m is None for m in per_item):
                 return None
-            grid, region_tokens = st.auto_region
-            layer_grid = token_grid(latent_hw, n_tokens)
-            region_tokens = mca.resize_tokens(region_tokens, grid, layer_grid)
-            region = region_tokens.view(-1, 1, *layer_grid)
-        masks = mca.layer_masks(subject, region, latent_hw, n_tokens, self.masks.subject_dilation,
-                                self.masks.region_dilation)
+            # Row b of the region is batch item b (``_mca_attention`` picks each target's).
+            region_tokens = mca.automatic_region(torch.stack(per_item), maps.grid, token_grid(latent_hw, n_tokens),
+                                                 self.masks.auto.fraction)
+            subject_keys = mca.layer_masks(subject, torch.zeros_like(subject), latent_hw, n_tokens,
+                                           dilation).subject_keys
+            masks = mca.LayerMasks(subject_keys=subject_keys, region=region_tokens)
         st.masks = {k: v for k, v in st.masks.items() if k[2] == version}
         st.masks[key] = masks
         return masks
 
-    def _capture_word_map(self, call, st: _Scratch, q, k, condition_rows) -> None:
-        """Automatic target mask (official code): top 30% of the subject word's cross-attention
-        of the condition stream at 16x16, summed over that level's layers of a step. Until a
-        step has seen all of them, the previous step's complete mask stays in use."""
+    def _capture_word_map(self, call, st: _Scratch, q, k) -> None:
+        """Automatic target mask (official code): the subject word's cross-attention probabilities
+        of the target's positive rows, averaged over heads, summed over the word's tokens and
+        accumulated over every call of the mask's layers since the run's first step."""
+        layout = call.layout
+        rows = [i for i, row in enumerate(layout.rows) if row.is_sampler_row and row.role == ROLE_COND]
+        if not rows:
+            return
         auto = self.masks.auto
-        tokens = expand_positions(list(auto.subject_tokens), self.generated.context.shape[1], k.shape[1])
+        context_tokens = auto.prompt_context.shape[1] if auto.prompt_context is not None else 77
+        tokens = expand_positions(list(auto.subject_tokens), context_tokens, k.shape[1])
         if not tokens:
             return
-        rows = torch.tensor(condition_rows, device=q.device)
-        word_map = word_attention_map(q.index_select(0, rows), k.index_select(0, rows), call.heads, tokens)
+        index = torch.tensor(rows, device=q.device)
+        probs = word_attention_probs(q.index_select(0, index), k.index_select(0, index), call.heads, tokens)
+        word_map = probs.mean(dim=1).sum(dim=-1)          # [rows, N]: head mean, then the word's tokens
         latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
         grid = token_grid(latent_hw, q.shape[1])
-        step = call.run.clock.step(call.sigma_value)
-        capture = st.auto
-        if capture is not None and capture.step == step and capture.grid == grid and capture.sum.shape == word_map.shape:
-            capture.sum = capture.sum + word_map
-            capture.count += 1
-        else:
-            capture = st.auto = _AutoCapture(step, grid, word_map)
-        complete = capture.count >= len(st.auto_layers)
-        if complete or st.auto_region is None or st.auto_region[0] != grid:
-            region = mca.top_fraction_mask(capture.sum, auto.fraction)  # rank-based: no normalisation needed
-            st.auto_region = (grid, region.cpu())
-            st.auto_version += 1
+        if st.word_maps is None or st.word_maps.grid != grid:
+            st.word_maps = _WordMaps(grid)
+        maps = st.word_maps
+        for row, item in zip(range(word_map.shape[0]), (layout.rows[i].item for i in rows)):
+            value = word_map[row].detach().float().cpu()
+            maps.sums[item] = value if item not in maps.sums else maps.sums[item] + value
+            maps.counts[item] = maps.counts.get(item, 0) + 1
+        st.auto_version += 1
+
+    def _check_prompt(self, call, st: _Scratch) -> None:
+        """Warn once per run when the sampler's positive prompt is not the node's prompt (the
+        subject word's token positions come from the node's)."""
+        expected = self.masks.auto.prompt_context
+        positive = call.layout.indices(ROLE_COND)
+        if expected is None or "prompt" in st.warned or call.context is None or not positive:
+            return
+        st.warned.add("prompt")
+        actual = call.context[positive[0]:positive[0] + 1]
+        if actual.shape != expected.shape or not torch.allclose(actual.float().cpu(), expected.float().cpu(),
+                                                                 rtol=1e-2, atol=1e-2):
+            logger.warning("%s: the positive prompt is not the node's condition_prompt; the automatic mask "
+                           "reads the subject word at the condition prompt's token positions %s",
+                           self.label, list(self.masks.auto.subject_tokens))
 
     # ---------------------------------------------------------------- attention
+    def _partner_rows(self, call, targets) -> Optional[tuple[list[int], list[int]]]:
+        """For each target row its subject row and its condition row: the stream rows of its CFG
+        branch; in generation the target row itself (official: no condition stream)."""
+        layout = call.layout
+        subjects = {layout.rows[i].item: i for i in call.rows(ROLE_SUBJECT, self.name)}
+        conditions = {layout.rows[i].item: i for i in call.rows(ROLE_CONDITION, self.name)}
+        subject_for, condition_for = [], []
+        for t in targets:
+            row = layout.rows[t]
+            s = subjects.get(_BRANCH_CODE[row.role])
+            if s is None:
+                return None
+            c = conditions.get(_BRANCH_CODE[row.role]) if self.scene_stream is not None else t
+            if c is None:
+                return None
+            subject_for.append(s)
+            condition_for.append(c)
+        return subject_for, condition_for
+
     def attend(self, call, q, k, v, attend_next):
-        subject_rows = call.rows(ROLE_SUBJECT, self.name)
-        condition_rows = call.rows(ROLE_CONDITION, self.name)
-        if not subject_rows or not condition_rows:
-            return attend_next(q, k, v)
         st: _Scratch = call.run.scratch(self)
         if call.layer.kind == "attn2":
             if call.layer.key in st.auto_layers:
-                self._capture_word_map(call, st, q, k, condition_rows)
+                self._capture_word_map(call, st, q, k)
             return attend_next(q, k, v)
         phase = self.phase(call.run, call.sigma_value)
         if phase == mca.PHASE_NONE or call.layer.key not in st.phase_layers[phase]:
             return attend_next(q, k, v)
-        targets = target_rows(call.run, call.layout)
-        if not targets:
+        targets = self.target_rows(st, call.layout)
+        partners = self._partner_rows(call, targets) if targets else None
+        if partners is None:
             return attend_next(q, k, v)
         latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
-        masks = self._layer_masks(st, latent_hw, q.shape[1])
-        if masks is None:  # automatic mask not available yet (before the first capture)
+        items = [call.layout.rows[t].item for t in targets]
+        masks = self._layer_masks(st, latent_hw, q.shape[1], items)
+        if masks is None:  # automatic mask not available yet
             return attend_next(q, k, v)
-        return self._mca_attention(call, phase, masks, targets, subject_rows, condition_rows, q, k, v, attend_next)
+        return self._mca_attention(call, phase, masks, targets, *partners, q, k, v, attend_next)
 
-    def _mca_attention(self, call, phase, masks, targets, subject_rows, condition_rows, q, k, v, attend_next):
+    def _mca_attention(self, call, phase, masks, targets, subject_for, condition_for, q, k, v, attend_next):
         layout = call.layout
         device = q.device
         target_set = set(targets)
         others = [i for i in range(q.shape[0]) if i not in target_set]
-        others_index = torch.tensor(others, device=device)
+        others_index = torch.tensor(others, device=device, dtype=torch.long)
         targets_index = torch.tensor(targets, device=device)
         plain = call.plain
-        if call.exclusive:
+        if not others:
+            out_others = None
+        elif call.exclusive:
             # Only the stream rows (and untouched sampler rows) need plain attention.
             out_others = plain(q.index_select(0, others_index), k.index_select(0, others_index),
                                v.index_select(0, others_index))
         else:
             # Other controls or another pack's patch follow: they expect the full rows.
             out_others = attend_next(q, k, v).index_select(0, others_index)
-        position = {row: i for i, row in enumerate(others)}
 
-        items = [layout.rows[i].item for i in targets]
-        region = masks.region
+        region = masks.region.to(device)
         if region.shape[0] > 1:
-            region = region[torch.tensor([min(item, region.shape[0] - 1) for item in items], device=region.device)]
-        if len(condition_rows) == 1:
-            condition_for_target = condition_rows[:1]
-        else:
-            by_item = {layout.rows[i].item: i for i in condition_rows}
-            condition_for_target = [by_item[item] for item in items]
-        region = region.to(device)
-        subject = subject_rows[0]
-
+            items = [min(layout.rows[t].item, region.shape[0] - 1) for t in targets]
+            region = region.index_select(0, torch.tensor(items, device=device))
+        subject_index = torch.tensor(subject_for, device=device)
+        condition_index = torch.tensor(condition_for, device=device)
+        k_s, v_s = k.index_select(0, subject_index), v.index_select(0, subject_index)
+        k_c, v_c = k.index_select(0, condition_index), v.index_select(0, condition_index)
+        subject_keys = masks.subject_keys.to(device)
         if phase == mca.PHASE_SALQ:
-            cond_index = torch.tensor(condition_for_target, device=device)
-            out_targets = mca.salq(
-                q.index_select(0, targets_index),
-                k[subject:subject + 1], v[subject:subject + 1],
-                k.index_select(0, cond_index), v.index_select(0, cond_index),
-                masks.subject_keys.to(device), region, plain,
-            )
+            out_targets = mca.salq(q.index_select(0, targets_index), k_s, v_s, k_c, v_c, subject_keys, region, plain)
         else:
-            out_subject = out_others[position[subject]:position[subject] + 1]
-            out_condition = out_others[torch.tensor([position[i] for i in condition_for_target], device=device)]
-            out_targets = mca.sagi(out_subject, out_condition, masks.subject_fg.to(device), region)
-            if out_targets.shape[0] != len(targets):
-                out_targets = out_targets.expand(len(targets), -1, -1)
+            out_targets = mca.sagi(q.index_select(0, subject_index), k_s, v_s,
+                                   q.index_select(0, condition_index), k_c, v_c, subject_keys, region, plain)
 
-        out = out_others.new_empty((q.shape[0],) + tuple(out_others.shape[1:]))
-        out.index_copy_(0, others_index, out_others)
+        shape = (q.shape[0],) + tuple(out_targets.shape[1:])
+        out = out_targets.new_empty(shape) if out_others is None else out_others.new_empty(shape)
+        if out_others is not None:
+            out.index_copy_(0, others_index, out_others)
         out.index_copy_(0, targets_index, out_targets.to(out.dtype))
         return out

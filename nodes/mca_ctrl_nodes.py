@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..attention import mca_ctrl as mca
 from ..attention.layers import select_layers
 from ..inversion.checks import check_inversion
-from ..mca_ctrl.config import AutoMask, ConditionPrompt, Masks, Schedule, Streams
+from ..mca_ctrl.config import AutoMask, Masks, Schedule, Streams
 from ..mca_ctrl.control import MCACtrl
 from ..patching.prompt_tokens import word_token_positions
 from ..patching.layers import discover_layers
@@ -17,6 +17,10 @@ from .step_window_inputs import STEP_FRACTION_MEANING
 from .types import Inversion
 
 CATEGORY = "QKV Control/MCA-Ctrl"
+
+MASKS_MEANING = ("Masks are binarised once: a pixel belongs to a mask when its value is at least "
+                 f"{mca.MASK_THRESHOLD} (a white PNG that loads as 0.996 is fully in, an anti-aliased edge splits "
+                 "at middle grey).")
 REPLACE_NAME = "QKV MCA-Ctrl Subject Replace / Add"
 GENERATE_NAME = "QKV MCA-Ctrl Subject Generation"
 
@@ -25,7 +29,8 @@ def _schedule_inputs() -> list:
     return [
         io.Float.Input("sagi_steps", default=0.1, min=0.0, max=1.0, step=0.01,
                        tooltip="Share of the sampling steps that run SAGI (global injection of the subject's and "
-                               "scene's own self-attention outputs). Official code: 0.1 (first 5 of 50 steps). "
+                               "scene's own masked self-attention). Official code: 0.1 (first 5 of 50 steps; "
+                               "generation with the automatic mask starts at step 1). "
                                + STEP_FRACTION_MEANING),
         io.Float.Input("salq_end", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Fraction of the steps where MCA-Ctrl stops. SALQ (local query) runs between SAGI "
@@ -40,9 +45,9 @@ def _schedule_inputs() -> list:
                                 "'-' excludes."),
         io.String.Input("sagi_layers", default="all",
                         tooltip="Self-attention layers where SAGI runs (block spec, as salq_layers)."),
-        io.Int.Input("subject_dilation", default=3, min=1, max=9,
-                     tooltip="Dilation kernel of the subject mask at each layer's token grid (paper: 3x3); "
-                             "1 = no dilation."),
+        io.Int.Input("subject_dilation", default=1, min=1, max=9,
+                     tooltip="Dilation kernel of the subject mask at each layer's token grid. 1 = none (the "
+                             "official code); 3 = the paper's 3x3, a little transition space around the subject."),
     ]
 
 
@@ -81,19 +86,24 @@ class QKVMCACtrlReplace(io.ComfyNode):
             category=CATEGORY,
             description="MCA-Ctrl subject replacement and addition: puts the subject of one image into a scene, "
                         "in the region of the target mask, keeping the scene's background. The subject and the "
-                        "scene run as inverted streams in the same batch (one row each per step, no CFG) and the "
-                        "generated image starts from the scene's inverted noise. Sample with the same steps and "
-                        "scheduler as the inversions, from a latent of the scene's size.",
+                        "scene run as inverted streams in the same batch, one row each per controlled CFG branch "
+                        "with that branch's prompt (the official code), and the generated image starts from the "
+                        "scene's inverted noise. Sample with the same steps and scheduler as the inversions, from "
+                        "a latent of the scene's size.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("subject", tooltip="The DDIM-inverted subject image (DDIM Inversion node). "
                                                    "Another size than the scene is fitted by cover + centre crop."),
                 io.Mask.Input("subject_mask", tooltip="The subject's foreground on the subject image (1 = subject): "
-                                                      "painted, or from the localization (Grounding DINO + SAM) node."),
+                                                      "painted, or from the localization (Grounding DINO + SAM) node. "
+                                                      "Must not be empty. " + MASKS_MEANING),
                 Inversion.Input("scene", tooltip="The DDIM-inverted scene image the subject goes into."),
                 io.Mask.Input("target_mask", tooltip="Where the subject goes in the scene (1 = region): the old "
                                                      "subject to replace, or the empty spot to fill. Everything "
-                                                     "outside is kept from the scene."),
+                                                     "outside is kept from the scene. Empty: nothing is replaced "
+                                                     "(the image follows the scene's inversion); full: no "
+                                                     "background is kept. Both are said in the log when the node "
+                                                     "runs. " + MASKS_MEANING),
                 *_schedule_inputs(),
                 io.Int.Input("target_dilation", default=1, min=1, max=9,
                              tooltip="Dilation kernel of the target mask at each layer's token grid; 3 leaves "
@@ -126,32 +136,34 @@ class QKVMCACtrlGenerate(io.ComfyNode):
             node_id="QKVMCACtrlGenerate",
             display_name=GENERATE_NAME,
             category=CATEGORY,
-            description="MCA-Ctrl subject generation: generates the condition prompt's scene with the subject of "
-                        "an image in it. A condition stream is generated from the same noise with the condition "
-                        "prompt (one row per image, no CFG) and the inverted subject runs as one row; the target "
-                        "queries the subject's foreground inside the target mask and the condition's background "
-                        "outside. Without a target mask, the mask is the top share of the subject word's "
-                        "cross-attention (official code).",
+            description="MCA-Ctrl subject generation: generates the prompt's scene with the subject of an "
+                        "image in it. The inverted subject runs as one row per controlled CFG branch (with that "
+                        "branch's prompt, as the official code); the image queries the subject's foreground "
+                        "inside the target mask and its own background outside. Without a target mask, the mask "
+                        "is the subject word's cross-attention in the image (official code: top 30% set to 1, "
+                        "the rest soft).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 io.Clip.Input("clip", tooltip="The text encoder, to encode the condition prompt."),
                 Inversion.Input("subject", tooltip="The DDIM-inverted subject image (DDIM Inversion node)."),
-                io.Mask.Input("subject_mask", tooltip="The subject's foreground on the subject image (1 = subject)."),
+                io.Mask.Input("subject_mask", tooltip="The subject's foreground on the subject image (1 = subject). "
+                                                      "Must not be empty. " + MASKS_MEANING),
                 io.String.Input("condition_prompt", multiline=True, default="a photo of a dog on the beach",
-                                tooltip="Prompt of the condition stream: the scene, naming the subject's class."),
+                                tooltip="The prompt of the image you generate: type the same text as the positive "
+                                        "prompt (a warning says when they differ). subject_word's position is "
+                                        "read from it for the automatic mask."),
                 io.String.Input("subject_word", default="dog",
-                                tooltip="The word of the condition prompt naming the subject; its cross-attention "
-                                        "gives the automatic target mask."),
+                                tooltip="The word of the prompt naming the subject; its cross-attention gives the "
+                                        "automatic target mask."),
                 io.Mask.Input("target_mask", optional=True,
                               tooltip="Where the subject goes (1 = region). Unconnected: automatic, from the "
-                                      "subject word's cross-attention (top share at the 16x16 level)."),
+                                      "subject word's cross-attention in the image, averaged since the first step "
+                                      "at the 16x16 level (official; the first step runs plain). Empty: plain "
+                                      "generation; full: the subject's appearance everywhere (said in the log "
+                                      "when the node runs). " + MASKS_MEANING),
                 io.Float.Input("auto_mask_share", default=0.3, min=0.01, max=1.0, step=0.01,
-                               tooltip="Share of the tokens the automatic target mask keeps (official: 0.3)."),
-                io.Float.Input("condition_cfg", default=1.0, min=1.0, max=30.0, step=0.1,
-                               tooltip="CFG of the condition stream. 1 = one row per image and step, no CFG "
-                                       "(4 rows per step in all). Above 1 (e.g. 7.5, the official setting) a "
-                                       "second row runs the KSampler's negative prompt: a cleaner condition "
-                                       "image for one more row per step."),
+                               tooltip="Share of the tokens the automatic target mask sets to 1 (official: 0.3); "
+                                       "the other tokens keep their normalised attention as a soft weight."),
                 *_schedule_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with MCA-Ctrl: sample it with KSampler.")],
@@ -163,23 +175,23 @@ class QKVMCACtrlGenerate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, subject, subject_mask, condition_prompt, subject_word, auto_mask_share,
-                condition_cfg, sagi_steps, salq_end, order, salq_layers, sagi_layers, subject_dilation,
+                sagi_steps, salq_end, order, salq_layers, sagi_layers, subject_dilation,
                 target_mask=None) -> io.NodeOutput:
         with errors_named(GENERATE_NAME):
             check_inversion(GENERATE_NAME, subject, model, "subject")
             schedule = _schedule(model, sagi_steps, salq_end, order, salq_layers, sagi_layers)
-            auto = None
-            if target_mask is None:
-                tokens = word_token_positions(clip, condition_prompt, subject_word, GENERATE_NAME)
-                auto = AutoMask(tuple(tokens), fraction=auto_mask_share)
             context = clip.encode_from_tokens(clip.tokenize(condition_prompt))
             if context.shape[-1] != subject.context_dim:
                 raise ValueError(f"expected a text encoder of width {subject.context_dim} (the subject inversion's "
                                  f"model), got {context.shape[-1]}")
+            context = context[:1].detach()
+            auto = None
+            if target_mask is None:
+                tokens = word_token_positions(clip, condition_prompt, subject_word, GENERATE_NAME)
+                auto = AutoMask(tuple(tokens), fraction=auto_mask_share, prompt_context=context)
             masks = Masks(_check_mask(subject_mask, "subject_mask"), _check_mask(target_mask, "target_mask"),
                           subject_dilation=subject_dilation, auto=auto)
-            prompt = ConditionPrompt(context[:1].detach(), cfg=condition_cfg)
-            control = MCACtrl(Streams(subject, prompt=prompt), masks, schedule, label=GENERATE_NAME)
+            control = MCACtrl(Streams(subject), masks, schedule, label=GENERATE_NAME)
         return io.NodeOutput(add_control(model, control))
 
 

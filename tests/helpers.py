@@ -22,3 +22,12 @@ def sample(model, positive, negative, *, seed=0, steps=4, cfg=5.0, sampler="ddim
     out = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
                                       {"samples": latent}, denoise=denoise)
     return out[0]["samples"]
+
+
+def inverted_pair(model, size: int, steps: int, seed: int = 1):
+    """Two DDIM inversions (subject, scene) of random latents, for the MCA-Ctrl tests."""
+    from qkv_control.inversion.invert import invert
+
+    g = torch.Generator().manual_seed(seed)
+    return tuple(invert(model, torch.randn((1, 4, size, size), generator=g) * 0.5, steps, "normal")[0]
+                 for _ in range(2))
