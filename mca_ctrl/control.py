@@ -36,7 +36,6 @@ from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
 from ..attention.token_grid import token_grid
 from ..inversion.stream import InvertedStream
-from ..patching import keys
 from ..patching.control import AttentionControl, ExtraRow
 from ..patching.image_prompt_policy import BOTH
 from ..patching.prompt_tokens import expand_positions
@@ -55,10 +54,7 @@ def controls_both_branches(run) -> bool:
     Guidance node on the model (the official code) or under ``both``; the conflict-free
     ``positive_only`` and ``negative_image`` (MCA-Ctrl has no negative subject) leave the
     negative branch plain."""
-    options = run.model_patcher.model_options.get("transformer_options", {})
-    if keys.IMAGE_PROMPT_POLICY not in options:
-        return True
-    return run.policy.mode == BOTH
+    return not run.policy_set or run.policy.mode == BOTH
 
 
 def sampler_row_text(call, index: int) -> tuple[Optional[torch.Tensor], dict]:

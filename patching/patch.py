@@ -20,7 +20,6 @@ from ..attention.rows import RowLayout
 from . import keys
 from .branch_rows import append_rows, zero_control_rows
 from .control import AttentionControl, ModelCall
-from .image_prompt_policy import get_policy
 from .router import install_routes
 from .run_context import RunContext
 from .sampler_start import sampler_sample_wrapper
@@ -97,7 +96,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = RunContext(guider.model_patcher, controls,
                      sample_sigmas=_sample_arg("sigmas", args, kwargs),
                      latent_image=_sample_arg("latent_image", args, kwargs),
-                     policy=get_policy(transformer_options))
+                     transformer_options=transformer_options)
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options["transformer_options"][keys.RUN] = run

@@ -7,7 +7,8 @@ Built by the OUTER_SAMPLE wrapper (``patching.patch``) when a run starts and fre
   which controls act on which layer;
 - ``clock``: the run's sigmas and the step of a call's sigma, so every schedule (a
   ``StepWindow`` of fractions) is resolved one way;
-- ``policy``: the image-prompt guidance policy in force (conflict-free by default), and
+- ``policy``: the image-prompt guidance policy in force (conflict-free when no node set one;
+  ``policy_set`` says whether one did, for a method whose official default differs), and
   ``image_prompt_rows(layout)``: which rows of a call see the positive or the negative
   image prompt, from the rows' own ``image_prompt`` property;
 - ``scratch(control)``: the small dataclass a control returned from ``start_run``, its
@@ -25,6 +26,7 @@ import torch
 from ..attention.layers import AttentionLayer
 from ..attention.rows import PROMPT_NEGATIVE, PROMPT_POSITIVE, RowLayout
 from ..attention.step_window import StepWindow
+from . import keys
 from .image_prompt_policy import ImagePromptPolicy, get_policy
 from .layers import discover_layers
 
@@ -80,14 +82,16 @@ class RunContext:
     """
 
     def __init__(self, model_patcher, controls, sample_sigmas: Optional[torch.Tensor],
-                 latent_image: Optional[torch.Tensor] = None, policy: Optional[ImagePromptPolicy] = None):
+                 latent_image: Optional[torch.Tensor] = None, transformer_options: Optional[dict] = None):
         self.model_patcher = model_patcher
         self.controls = tuple(controls)
         self.clock = RunClock(sample_sigmas)
         self.latent_image = latent_image
-        if policy is None:
-            policy = get_policy(model_patcher.model_options.get("transformer_options", {}))
-        self.policy = policy
+        if transformer_options is None:
+            transformer_options = model_patcher.model_options.get("transformer_options", {})
+        self.policy: ImagePromptPolicy = get_policy(transformer_options)
+        # Whether an Image Prompt Guidance node chose the policy (else the default above).
+        self.policy_set = keys.IMAGE_PROMPT_POLICY in transformer_options
         self.layers: tuple[AttentionLayer, ...] = discover_layers(model_patcher)
         self.layers_by_key = {(layer.kind, layer.key): layer for layer in self.layers}
         self.routes: dict[tuple[str, tuple], list] = {}
