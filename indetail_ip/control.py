@@ -2,15 +2,24 @@
 the generated rows' self-attention fed with the reference's keys/values (KV replacement,
 KV concatenation or Stratified Attention, per step from the attention-fusion schedule).
 
-Guidance routing (``patching.image_prompt_policy``): under conflict-free guidance (default)
-only positive rows see the reference; negative rows run their own plain attention and the
-reference row is appended only to calls that hold positive rows. ``both`` gives the negative
-rows the same reference; ``negative_image`` gives them a second inverted stream.
+Guidance routing (``patching.image_prompt_policy``): under conflict-free guidance (default,
+the official ``sain: cond``) only positive rows see the reference; negative rows run their
+own plain attention and the reference row is appended only to calls that hold positive rows.
+``both`` (the official ``sain: all``) gives each CFG branch the reference row computed with
+that branch's reference text: the inversion prompt for the positive rows, the inversion's
+negative text (official: the empty prompt) for the negative rows, as a second row; when the
+two texts are the same, the two rows would be identical and one row serves both branches.
+``negative_image`` gives the negative rows a second inverted stream.
+
+End of the run: the official code's DDIM ends at ᾱ₀ (``set_alpha_to_one=False``), the level
+the inversion starts from; ``end_sigma`` asks for the inversion's clean level
+(``patching.sampler_start``), so a run that would end at sigma 0 ends there.
 
 ControlNet: extra rows get no residuals (``patching.branch_rows``); with
 ``negative_control_until`` > 0 the negative rows get none either during that first fraction of
-the steps (``rows_without_control``), as the official code does with ControlNet for the
-Stratified range.
+the steps (``rows_without_control``), as the official code does with ControlNet (its
+``unet_forward`` zeroes the negative half's residuals for ``cur_tsidx < gm_end_tsidx``, 10 of
+50 steps: the default 0.2).
 
 Where the reference K/V come from is a detail (design note 5): ``_reference_kv`` takes them
 from this call's reference rows and keeps them for the step, so a later call at the same
@@ -39,6 +48,8 @@ logger = logging.getLogger("qkv_control")
 
 ROLE_NEGATIVE_REFERENCE = "negative_reference"
 DEFAULT_BLOCKS = "output"
+# The official ControlNet configuration: gm_end_tsidx 10 of 50 steps without ControlNet in the negative half.
+DEFAULT_NEGATIVE_CONTROL_UNTIL = 0.2
 # Two sigmas within this relative distance are the same step of the run.
 _SAME_SIGMA = 1e-6
 
@@ -59,7 +70,8 @@ class _StepKV:
 @dataclass
 class _Scratch:
     layers: frozenset                             # keys of the layers this control acts on
-    negative_stream: Optional[InvertedStream]     # the policy's negative image as a stream
+    negative_stream: Optional[InvertedStream]     # what the negative rows see, if not the reference row
+    shared: bool = False                          # the negative rows see the (positive) reference row
     kv: dict = field(default_factory=dict)        # stream role -> _StepKV
 
 
@@ -72,7 +84,7 @@ class ReferenceAttentionControl(AttentionControl):
 
     def __init__(self, inversion: InversionResult, blocks: str = DEFAULT_BLOCKS,
                  schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5,
-                 negative_control_until: float = 0.0):
+                 negative_control_until: float = DEFAULT_NEGATIVE_CONTROL_UNTIL):
         super().__init__()
         if weight_ref < 0 or weight_self < 0 or weight_ref + weight_self <= 0:
             raise ValueError(
@@ -100,14 +112,23 @@ class ReferenceAttentionControl(AttentionControl):
         negative = None
         if policy.mode == NEGATIVE_IMAGE and isinstance(policy.negative_inversion, InversionResult):
             negative = InvertedStream(policy.negative_inversion, ROLE_NEGATIVE_REFERENCE, label="negative image")
-        return _Scratch(layers=run.layers_of(self), negative_stream=negative)
+        elif policy.mode == BOTH and self.inversion.negative_reference is not None:
+            negative = InvertedStream(self.inversion.negative_reference, ROLE_NEGATIVE_REFERENCE,
+                                      label="InDetail-IP negative-branch reference")
+        return _Scratch(layers=run.layers_of(self), negative_stream=negative,
+                        shared=policy.mode == BOTH and negative is None)
+
+    def end_sigma(self, run) -> Optional[float]:
+        """The inversion's clean level (sigma_min, the official ᾱ₀), or None for a clean level 0."""
+        clean = self.inversion.clean_sigma
+        return clean if clean > 0 else None
 
     def mode_at(self, run, sigma: float) -> str:
         return self.schedule.mode_at(run.clock.step(sigma), run.clock.steps)
 
     def rows_without_control(self, call: ModelCall) -> list[int]:
         """The negative rows during the first ``negative_control_until`` of the steps (the
-        official code's negative branch without ControlNet in the Stratified range)."""
+        official code's negative branch without ControlNet for its first ``gm_end_tsidx`` steps)."""
         if self.uncontrolled_negative.empty or not call.layout.has(ROLE_UNCOND):
             return []
         if not call.active(self.uncontrolled_negative):
@@ -128,7 +149,7 @@ class ReferenceAttentionControl(AttentionControl):
             return []
         seeing = run.image_prompt_rows(call.layout)
         rows = []
-        needs_ref = bool(seeing.positive) or (bool(seeing.negative) and run.policy.mode == BOTH)
+        needs_ref = bool(seeing.positive) or (bool(seeing.negative) and scratch.shared)
         if needs_ref and not self._has_kv(scratch, ROLE_REFERENCE, sigma):
             rows += self.stream.rows_for(call)
         negative = scratch.negative_stream if seeing.negative else None
@@ -163,15 +184,16 @@ class ReferenceAttentionControl(AttentionControl):
         """(target rows, (reference K, reference V)) per group of rows that see an image prompt
         (``Row.image_prompt`` under the run's policy)."""
         seeing = call.run.image_prompt_rows(call.layout)
+        scratch: _Scratch = call.run.scratch(self)
         ref = self._reference_kv(call, ROLE_REFERENCE, k, v)
         groups = []
-        if call.run.policy.mode == BOTH:
+        if scratch.shared:
             if seeing.all and ref is not None:
                 groups.append((seeing.all, ref))
             return groups
         if seeing.positive and ref is not None:
             groups.append((seeing.positive, ref))
-        if seeing.negative and call.run.policy.mode == NEGATIVE_IMAGE:
+        if seeing.negative and scratch.negative_stream is not None:
             negative = self._reference_kv(call, ROLE_NEGATIVE_REFERENCE, k, v)
             if negative is not None:
                 groups.append((seeing.negative, negative))

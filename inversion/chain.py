@@ -15,7 +15,10 @@ so a branch can ask for the latent at *any* sigma a sampler uses:
   exact at both ends of the segment. This covers other schedulers, step counts,
   ancestral/SDE samplers (which evaluate the model at intermediate sigmas) and
   denoise < 1;
-- above the top sigma the last segment's epsilon is extrapolated (one DDIM step).
+- above the top sigma the last segment's epsilon is extrapolated (one DDIM step);
+- below the bottom sigma (the clean level sigma_min of the official convention: a sampler
+  may ask for sigmas between it and 0) the first segment's epsilon is extrapolated downwards,
+  the DDIM step from the clean level towards sigma = 0.
 
 No ComfyUI import here.
 """
@@ -36,8 +39,8 @@ _NODE_ATOL = 1e-6
 class InvertedChain:
     """Latents of one or more reference images at ascending sigmas.
 
-    sigmas:  [N+1], ascending; ``sigmas[0]`` is the clean latent's sigma (0 for
-             an inversion that starts from the VAE latent).
+    sigmas:  [N+1], ascending, >= 0; ``sigmas[0]`` is the clean latent's sigma: the model's
+             ``sigma_min`` (the official code's ᾱ₀, the default) or 0.
     latents: [N+1, B, C, H, W]; ``latents[i]`` is the batch at ``sigmas[i]`` in the
              sampler's x-space (what ComfyUI samplers step, before ``calculate_input``).
     """
@@ -50,8 +53,8 @@ class InvertedChain:
             raise ValueError(
                 f"inverted chain: expected one latent per sigma, got {latents.shape[0]} latents for {sigmas.shape[0]} sigmas"
             )
-        if sigmas.shape[0] < 2 or bool((sigmas[1:] <= sigmas[:-1]).any()):
-            raise ValueError(f"inverted chain: expected at least 2 strictly ascending sigmas, got {sigmas.tolist()}")
+        if sigmas.shape[0] < 2 or bool((sigmas[1:] <= sigmas[:-1]).any()) or float(sigmas[0]) < 0:
+            raise ValueError(f"inverted chain: expected at least 2 strictly ascending sigmas >= 0, got {sigmas.tolist()}")
         self.sigmas = sigmas
         self.latents = latents.detach()
         self._resized: dict[tuple[int, int], "InvertedChain"] = {}
@@ -77,7 +80,8 @@ class InvertedChain:
 
     @property
     def z0(self) -> torch.Tensor:
-        """The clean latent the inversion started from, [B, C, H, W]."""
+        """The clean latent the inversion started from, [B, C, H, W], in x-space at ``sigmas[0]``
+        (the VAE latent times √(1+σ₀²))."""
         return self.latents[0]
 
     @property
@@ -104,9 +108,10 @@ class InvertedChain:
         if exact is not None:
             return self.latents[exact]
         s = self.sigmas
+        sigma = max(sigma, 0.0)
         if sigma <= float(s[0]):
-            return self.latents[0]
-        if sigma >= float(s[-1]):
+            lo, hi = 0, 1
+        elif sigma >= float(s[-1]):
             lo, hi = s.shape[0] - 2, s.shape[0] - 1
         else:
             hi = int(torch.searchsorted(s, torch.tensor([sigma]), right=True)[0])
@@ -134,4 +139,4 @@ class InvertedChain:
 
     def __repr__(self) -> str:
         return (f"InvertedChain(steps={self.steps}, batch={self.batch}, latent={self.latent_shape}, "
-                f"sigma 0..{self.sigma_max:.3f})")
+                f"sigma {float(self.sigmas[0]):.4f}..{self.sigma_max:.3f})")

@@ -4,10 +4,17 @@ The inversion goes through ComfyUI's own sampling machinery (CFGGuider at cfg 1,
 one UNet row per step and no CFG; conds, model loading, latent scaling and every
 model wrapper behave as in a normal run) with a sampler function that walks the
 ascending schedule and records the latent at every sigma.
+
+Where the walk starts is the *clean level* (``clean_sigma``, built per prediction type):
+the official InDetail-IP code inverts with diffusers' ``DDIMScheduler(set_alpha_to_one=False)``,
+whose first step leaves from ``final_alpha_cumprod = alphas_cumprod[0]``: the VAE latent is
+the latent at ᾱ₀, i.e. at σ₀ = √((1−ᾱ₀)/ᾱ₀) = ``model_sampling.sigma_min`` (0.0292 on SD's
+discrete schedule), and in ComfyUI's x-space it is ``z0·√(1+σ₀²)``. ``zero`` keeps σ = 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -26,7 +33,7 @@ from ..patching import keys
 from ..patching.model_info import context_dim, model_family
 from ..patching.patch import add_outermost_wrapper, without_controls
 from .chain import InvertedChain
-from .ddim import ddim_step, eps_from_denoised, inversion_input_scale
+from .ddim import ddim_step, eps_from_denoised, inversion_input_scale, vp_scale
 from .result import InversionResult
 
 logger = logging.getLogger("qkv_control")
@@ -36,6 +43,14 @@ _CACHE_SIZE = 8
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 _CAPTURE_KEY = "qkv_control.inversion_capture"
+
+# Clean levels: the sigma the VAE latent is taken to be at.
+CLEAN_SIGMA_MIN = "sigma_min"  # the official code's ᾱ₀ (diffusers DDIM, set_alpha_to_one=False)
+CLEAN_ZERO = "zero"            # σ = 0: the mirror of a ComfyUI sampler's last step to 0
+CLEAN_LEVELS = (CLEAN_SIGMA_MIN, CLEAN_ZERO)
+DEFAULT_CLEAN_LEVEL = CLEAN_SIGMA_MIN
+# Schedule sigmas within this relative distance of the clean level are the clean level itself.
+_AT_CLEAN_RTOL = 1e-4
 
 
 def prediction_type(model) -> str:
@@ -51,12 +66,37 @@ def prediction_type(model) -> str:
     )
 
 
-def inversion_sigmas(model, steps: int, scheduler: str) -> torch.Tensor:
-    """The ascending inversion schedule [0, ..., sigma_max]: the sampler's schedule for
-    (scheduler, steps) walked backwards, so both meet at the same sigmas."""
+def clean_sigma(model_sampling, prediction: str, clean_level: str = DEFAULT_CLEAN_LEVEL) -> float:
+    """The sigma of the clean (VAE) latent, per prediction type.
+
+    eps / v (DDPM-discrete schedules): ``sigma_min`` = √((1−ᾱ₀)/ᾱ₀), the level diffusers' DDIM
+    with ``set_alpha_to_one=False`` starts its inversion from and ends its sampling at (the
+    official code's scheduler); ``zero`` gives σ = 0. Another prediction type needs its own
+    rule here (a flow model's clean level is σ = 0 of its own parametrisation).
+    """
+    if clean_level not in CLEAN_LEVELS:
+        raise ValueError(f"DDIM Inversion: expected a clean level in {', '.join(CLEAN_LEVELS)}, got '{clean_level}'")
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"DDIM Inversion: expected an eps- or v-prediction schedule, got '{prediction}'")
+    if clean_level == CLEAN_ZERO:
+        return 0.0
+    return float(model_sampling.sigma_min)
+
+
+def inversion_sigmas(model, steps: int, scheduler: str, clean_level: str = DEFAULT_CLEAN_LEVEL) -> torch.Tensor:
+    """The ascending inversion schedule [σ_clean, ..., sigma_max]: the sampler's schedule for
+    (scheduler, steps) walked backwards, so both meet at the same sigmas, starting at the
+    clean level. The sampler's schedule ends at 0; sigmas at or below the clean level are not
+    inversion steps (a schedule ending [..., sigma_min, 0] has none there: its latent at
+    sigma_min is the clean latent), so 'normal' and 'karras' invert in ``steps - 1`` steps."""
     ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu()
-    return torch.flip(sigmas, dims=(0,))
+    clean = clean_sigma(ms, prediction_type(model), clean_level)
+    ascending = torch.flip(comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu(), dims=(0,))
+    above = ascending[ascending > clean * (1 + _AT_CLEAN_RTOL)]
+    if above.numel() == 0:
+        raise ValueError(f"DDIM Inversion: expected a schedule with a sigma above the clean level {clean:.4f}, "
+                         f"got {ascending.tolist()} ({scheduler}, {steps} steps)")
+    return torch.cat([torch.tensor([clean]), above])
 
 
 def empty_conditioning(model):
@@ -90,11 +130,14 @@ def _hash_conditioning(h, conditioning) -> None:
                 h.update(type(value).__name__.encode())
 
 
-def cache_key(model, samples: torch.Tensor, sigmas: torch.Tensor, conditioning) -> str:
-    """Content key: image latent, schedule, prompt, and the model's weight patches (LoRA ...)."""
+def cache_key(model, samples: torch.Tensor, sigmas: torch.Tensor, conditioning,
+              clean_level: str = DEFAULT_CLEAN_LEVEL) -> str:
+    """Content key: image latent, schedule and clean level, prompt, and the model's weight
+    patches (LoRA ...)."""
     h = hashlib.sha256()
     _hash_tensor(h, samples)
     _hash_tensor(h, sigmas)
+    h.update(f"clean={clean_level}".encode())
     _hash_conditioning(h, conditioning)
     h.update(str(model.patches_uuid).encode())
     h.update(repr(sorted(model.patches.keys())).encode())
@@ -147,9 +190,10 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _capture_wrapper(record: dict):
+def _capture_wrapper(record: dict, run_model: bool = True):
     """APPLY_MODEL wrapper recording the per-row inputs of the first call, so the
-    reference row later gets exactly the context/conds the inversion used."""
+    reference row later gets exactly the context/conds the inversion used. With
+    ``run_model=False`` it only records (a probe of what the model would be given)."""
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if "context" not in record and c_crossattn is not None:
@@ -159,6 +203,8 @@ def _capture_wrapper(record: dict):
                 if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == x.shape[0]:
                     conds[name] = value[:1].detach().cpu()
             record["conds"] = conds
+        if not run_model:
+            return x  # denoised = x: the probe's one sampler step changes nothing
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     return wrapper
@@ -171,6 +217,9 @@ def _inversion_sampler(record: dict, progress, sigma_data: float):
     def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = {} if extra_args is None else extra_args
         s_in = x.new_ones([x.shape[0]])
+        # The clean latent z0 is the VP latent at the clean level sigmas[0]: x = z0·√(σ₀² + σ_data²)
+        # (z0 itself for σ₀ = 0).
+        x = x / vp_scale(float(sigmas[0]), sigma_data)
         latents = [x.detach().cpu()]
         for i in range(len(sigmas) - 1):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -190,29 +239,78 @@ def _inversion_sampler(record: dict, progress, sigma_data: float):
     return sample_ddim_inversion
 
 
+def _one_call_sampler():
+    """A sampler function that calls the model once (the probe of ``model_inputs``)."""
+
+    @torch.no_grad()
+    def sample_probe(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = {} if extra_args is None else extra_args
+        return model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
+
+    return sample_probe
+
+
+def model_inputs(model, conditioning, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(context [1, T, D], per-row conds) ComfyUI gives the model for ``conditioning`` with a
+    latent like ``samples``: what a stream row with this text needs. No UNet call: ComfyUI's
+    own cond processing runs, the outermost APPLY_MODEL wrapper records and returns."""
+    record: dict = {}
+    plain = without_controls(model)
+    add_outermost_wrapper(plain, WrappersMP.APPLY_MODEL, _CAPTURE_KEY, _capture_wrapper(record, run_model=False))
+    sigmas = torch.tensor([float(model.get_model_object("model_sampling").sigma_max), 0.0])
+    latent = samples.float()
+    comfy.samplers.sample(plain, torch.zeros_like(latent), conditioning, conditioning, 1.0, plain.load_device,
+                          comfy.samplers.KSAMPLER(_one_call_sampler()), sigmas,
+                          model_options=plain.model_options, latent_image=latent, disable_pbar=True)
+    return record["context"], record.get("conds", {})
+
+
+def _same_text(context_a, conds_a: dict, context_b, conds_b: dict) -> bool:
+    if context_a.shape != context_b.shape or not torch.equal(context_a, context_b) or set(conds_a) != set(conds_b):
+        return False
+    return all(conds_a[k].shape == conds_b[k].shape and torch.equal(conds_a[k], conds_b[k]) for k in conds_a)
+
+
 def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditioning=None,
-           use_cache: bool = True) -> tuple[InversionResult, bool]:
+           use_cache: bool = True, clean_level: str = DEFAULT_CLEAN_LEVEL,
+           negative=None) -> tuple[InversionResult, bool]:
     """DDIM-invert ``samples`` (a VAE-encoded LATENT's tensor, [B, C, H, W]) with ``model``.
 
+    ``clean_level``: the sigma the latent is taken to be at (``clean_sigma``). ``negative``:
+    the reference's text in the negative CFG branch (a CONDITIONING, official: the empty
+    prompt), used where the guidance policy gives that branch its own reference row; None or
+    the same text as ``conditioning``: one reference text for both branches.
     Returns (result, from_cache). One UNet row per image per step, conditional only.
     """
     prediction = prediction_type(model)
     if conditioning is None:
         conditioning = empty_conditioning(model)
-    sigmas = inversion_sigmas(model, steps, scheduler)
-    key = cache_key(model, samples, sigmas, conditioning)
-    if use_cache:
-        hit = _cached(model, key)
-        if hit is not None:
-            logger.info("QKV Control: DDIM inversion reused from cache (%s)", hit.describe())
-            return hit, True
+    sigmas = inversion_sigmas(model, steps, scheduler, clean_level)
+    key = cache_key(model, samples, sigmas, conditioning, clean_level)
+    result = _cached(model, key) if use_cache else None
+    from_cache = result is not None
+    if from_cache:
+        logger.info("QKV Control: DDIM inversion reused from cache (%s)", result.describe())
+    else:
+        result = _run_inversion(model, samples, sigmas, conditioning, prediction, key, clean_level)
+        if use_cache:
+            _store(model, key, result)
+        logger.info("QKV Control: DDIM inversion done (%s)", result.describe())
+    if negative is not None:
+        # The chain does not depend on the negative text: it is attached to the (cached) result.
+        context, conds = model_inputs(model, negative, samples)
+        if not _same_text(context, conds, result.context, result.conds):
+            result = dataclasses.replace(result, negative_context=context, negative_conds=conds)
+    return result, from_cache
 
+
+def _run_inversion(model, samples, sigmas, conditioning, prediction, key, clean_level) -> InversionResult:
     record: dict = {}
     # The inversion is a plain pass of the model (other nodes' patches kept, the pack's removed).
     plain = without_controls(model)
     # Outermost APPLY_MODEL wrapper: it records what the model is given, whatever other wrappers do.
     add_outermost_wrapper(plain, WrappersMP.APPLY_MODEL, _CAPTURE_KEY, _capture_wrapper(record))
-    progress = comfy.utils.ProgressBar(steps)
+    progress = comfy.utils.ProgressBar(sigmas.shape[0] - 1)
     sigma_data = float(getattr(model.get_model_object("model_sampling"), "sigma_data", 1.0))
     sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
     latent = samples.float()
@@ -220,8 +318,7 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
     comfy.samplers.sample(plain, noise, conditioning, conditioning, 1.0, plain.load_device, sampler, sigmas,
                           model_options=plain.model_options, latent_image=latent, disable_pbar=True)
     latents = torch.stack(record["latents"])  # [N+1, B, C, H, W], x-space, process_latent_in applied
-    latent_format = model.get_model_object("latent_format")
-    result = InversionResult(
+    return InversionResult(
         chain=InvertedChain(sigmas, latents),
         context=record["context"],
         conds=record.get("conds", {}),
@@ -230,10 +327,7 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
         model_family=model_family(model),
         prediction=prediction,
         key=key,
-        latent_format=latent_format,
+        latent_format=model.get_model_object("latent_format"),
         model_sampling=model.get_model_object("model_sampling"),
+        clean_level=clean_level,
     )
-    if use_cache:
-        _store(model, key, result)
-    logger.info("QKV Control: DDIM inversion done (%s)", result.describe())
-    return result, False

@@ -3,8 +3,9 @@ batch row of the same model. ComfyUI IO type: ``QKV_INVERSION``."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,7 +25,12 @@ class InversionResult:
     conds:          other per-row model inputs of that call (e.g. SDXL's ``y``), each [1, ...]
     latent_channels, context_dim, model_family, prediction: what the inversion ran on,
                     to reject use with an incompatible model
-    key:            cache key (image content, model, schedule, prompt)
+    key:            cache key (image content, model, schedule and clean level, prompt)
+    clean_level:    the level the VAE latent was taken to be at (``invert.CLEAN_LEVELS``);
+                    its sigma is ``chain.sigmas[0]``
+    negative_context, negative_conds: the reference's text in the negative CFG branch
+                    (official: the empty prompt) where it differs from ``context``; None: the
+                    same text in both branches
     """
 
     chain: InvertedChain
@@ -39,6 +45,9 @@ class InversionResult:
     latent_format: Any = None
     # the model's ComfyUI model_sampling (noise scaling, sigma range), for starting latents
     model_sampling: Any = None
+    clean_level: str = "sigma_min"
+    negative_context: Optional[torch.Tensor] = None
+    negative_conds: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -46,6 +55,20 @@ class InversionResult:
 
     def latent_at(self, sigma: float) -> torch.Tensor:
         return self.chain.latent_at(sigma)
+
+    @property
+    def clean_sigma(self) -> float:
+        """The sigma of the clean latent: sigma_min (the official ᾱ₀) or 0."""
+        return float(self.chain.sigmas[0])
+
+    @property
+    def negative_reference(self) -> Optional["InversionResult"]:
+        """The same chain with the negative branch's text, or None when both branches' reference
+        texts are the same (one reference row then serves both)."""
+        if self.negative_context is None:
+            return None
+        return dataclasses.replace(self, context=self.negative_context, conds=dict(self.negative_conds),
+                                   negative_context=None, negative_conds={})
 
     def latent_out(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler-space latent -> the LATENT space nodes exchange (``process_latent_out``)."""
@@ -57,4 +80,5 @@ class InversionResult:
     def describe(self) -> str:
         c, h, w = self.chain.latent_shape
         return (f"{self.model_family or 'model'} inversion: {self.chain.steps} steps, {self.batch} image(s), "
-                f"latent {c}x{h}x{w}, {self.prediction}-prediction")
+                f"latent {c}x{h}x{w}, {self.prediction}-prediction, clean level {self.clean_level} "
+                f"(sigma {self.clean_sigma:.4f})")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..indetail_ip.adain_noise import AdaINNoise
+from ..indetail_ip.adain_noise import AdaINNoise, AdaINStart
 from ..inversion.checks import check_inversion
+from ..patching.patch import add_control
 from .naming import errors_named
 from .types import Inversion
 
@@ -19,26 +20,31 @@ class QKVAdaINNoise(io.ComfyNode):
             node_id="QKVAdaINNoise",
             display_name=NAME,
             category="QKV Control/InDetail-IP",
-            description="Initial noise with the per-channel mean and std of the reference's inverted z_T "
-                        "(InDetail-IP eq. 2), carrying its colour tone. 'latent' starts KSamplerAdvanced with "
-                        "add_noise disabled; 'noise' feeds SamplerCustomAdvanced.",
+            description="Initial noise with the per-channel mean and std of the reference's inverted latent "
+                        "(InDetail-IP eq. 2), carrying its colour tone. Sample with the 'model' output: every run "
+                        "then starts at the AdaIN z_T of its own first sigma (any sampler node, scheduler, "
+                        "denoise). 'latent' feeds KSampler (Advanced), 'noise' SamplerCustomAdvanced.",
             inputs=[
+                io.Model.Input("model", tooltip="The model you sample with (after InDetail-IP Reference Attention "
+                                                "and Image Prompt Guidance)."),
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
                 io.Latent.Input("latent", tooltip="The target latent (Empty Latent Image): size and batch."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the Gaussian noise before AdaIN (same noise as KSampler's seed)."),
             ],
             outputs=[
-                io.Latent.Output(display_name="latent", tooltip="The noised starting latent at the inversion's top "
-                                 "sigma: use with KSamplerAdvanced, add_noise disabled, same steps/scheduler."),
-                io.Noise.Output(display_name="noise", tooltip="AdaIN noise for SamplerCustomAdvanced."),
+                io.Latent.Output(display_name="latent", tooltip="The AdaIN z_T at the inversion's top sigma: the "
+                                 "sampler's latent (KSampler, or KSamplerAdvanced with add_noise disabled)."),
+                io.Noise.Output(display_name="noise", tooltip="AdaIN noise for SamplerCustomAdvanced (same start)."),
+                io.Model.Output(display_name="model", tooltip="Sample with this model: each run starts exactly at the "
+                                "AdaIN z_T of its first sigma, the noise drawn from this node's seed."),
             ],
         )
 
     @classmethod
-    def execute(cls, inversion, latent, seed) -> io.NodeOutput:
+    def execute(cls, model, inversion, latent, seed) -> io.NodeOutput:
         with errors_named(NAME):
-            check_inversion(NAME, inversion)
+            check_inversion(NAME, inversion, model)
             samples = latent["samples"]
             if samples.ndim != 4 or samples.shape[1] != inversion.latent_channels:
                 raise ValueError(f"expected a [B, {inversion.latent_channels}, H, W] latent (the inversion's "
@@ -49,9 +55,10 @@ class QKVAdaINNoise(io.ComfyNode):
                                  f"got {reference.shape[0]}")
             noise_source = AdaINNoise(seed, inversion)
             out = latent.copy()
-            out["samples"] = noise_source.start_latent(latent)
+            out["samples"] = inversion.latent_out(noise_source.start_latent(latent))
             out.pop("noise_mask", None)
-        return io.NodeOutput(out, noise_source)
+            started = add_control(model, AdaINStart(inversion, seed, latent.get("batch_index")))
+        return io.NodeOutput(out, noise_source, started)
 
 
 NODES = [QKVAdaINNoise]

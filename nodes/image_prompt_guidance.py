@@ -24,14 +24,17 @@ class QKVImagePromptGuidance(io.ComfyNode):
             category="QKV Control/guidance",
             description="Conflict-free guidance (InDetail-IP Sec. 4.1): image prompts condition only the positive "
                         "CFG branch, so the negative branch does not push away from them. Honoured by every image-"
-                        "prompt control of the pack. 'both' is the conflicting baseline; 'negative_image' gives the "
-                        "negative branch another image (Suppl. E).",
+                        "prompt control of the pack. 'both' is the conflicting baseline (each branch with its own "
+                        "reference text, the official ablation); 'negative_image' gives the negative branch another "
+                        "image (Suppl. E).",
             inputs=[
                 io.Model.Input("model", tooltip="The model whose image-prompt controls follow this policy."),
                 io.Combo.Input("policy", options=POLICIES, default=POSITIVE_ONLY,
                                tooltip="positive_only: conflict-free (default, the paper). both: the image prompt in "
-                                       "both branches (conflicting baseline). negative_image: the negative branch "
-                                       "gets the negative image/inversion below."),
+                                       "both branches (conflicting baseline; InDetail-IP's negative branch reads a "
+                                       "reference row with the DDIM Inversion's 'negative' text, official: the empty "
+                                       "prompt). negative_image: the negative branch gets the negative "
+                                       "image/inversion below."),
                 Inversion.Input("negative_inversion", optional=True,
                                 tooltip="For negative_image with self-attention controls (InDetail-IP): the DDIM-"
                                         "inverted negative image."),

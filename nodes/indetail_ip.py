@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..attention import fusion_schedule as fs
 from ..attention.layers import select_layers
 from ..inversion.checks import check_inversion
-from ..indetail_ip.control import DEFAULT_BLOCKS, ReferenceAttentionControl
+from ..indetail_ip.control import DEFAULT_BLOCKS, DEFAULT_NEGATIVE_CONTROL_UNTIL, ReferenceAttentionControl
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
 from .naming import errors_named
@@ -27,8 +27,8 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
             description="Runs the inverted reference as an extra batch row and lets the generated image's "
                         "self-attention read its keys/values: Stratified Attention early, KV concatenation "
                         "after (paper default), or KV replacement. Only positive CFG rows see the reference "
-                        "unless an Image Prompt Guidance node says otherwise. Optionally the negative branch "
-                        "runs without ControlNet for the first part of the steps (official code).",
+                        "unless an Image Prompt Guidance node says otherwise. The negative branch runs without "
+                        "ControlNet for the first 20% of the steps (official code).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
@@ -45,12 +45,13 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
                                        "(paper: 0.5, recommended 0.3-0.7). 0 = reference ignored."),
                 io.Float.Input("lambda_self", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="λG: weight of the generated image's own attention in Stratified Attention."),
-                io.Float.Input("negative_control_until", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                io.Float.Input("negative_control_until", default=DEFAULT_NEGATIVE_CONTROL_UNTIL, min=0.0, max=1.0,
+                               step=0.01, optional=True,
                                tooltip="Fraction of the sampling steps during which the negative CFG branch gets no "
-                                       "ControlNet residuals (the positive branch keeps them). 0 = off (ControlNet "
-                                       "as the core nodes apply it). The official code does this with ControlNet "
-                                       "over its Stratified range: 0.5 (the first 25 of 50 steps). Without a "
-                                       "ControlNet it has no effect. " + STEP_FRACTION_MEANING),
+                                       "ControlNet residuals (the positive branch keeps them). Default 0.2: the "
+                                       "official code's first 10 of 50 steps (gm_end_tsidx). 0 = off (ControlNet "
+                                       "as the core nodes apply it). Without a ControlNet it has no effect. "
+                                       + STEP_FRACTION_MEANING),
             ],
             outputs=[io.Model.Output(tooltip="The model with InDetail-IP reference attention.")],
         )
@@ -67,7 +68,7 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, blocks, schedule, lambda_reference, lambda_self,
-                negative_control_until=0.0) -> io.NodeOutput:
+                negative_control_until=DEFAULT_NEGATIVE_CONTROL_UNTIL) -> io.NodeOutput:
         with errors_named(NAME):
             check_inversion(NAME, inversion, model)
             select_layers(blocks, discover_layers(model), "attn1")

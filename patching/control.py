@@ -113,6 +113,8 @@ class AttentionControl:
                                      ControlNet residuals (default: none)
       start_latent(run, noise)       where the sampler starts (default: where ComfyUI
                                      puts it)
+      end_sigma(run)                 where a run that ends at sigma 0 ends instead
+                                     (default: at 0, as ComfyUI's samplers)
       attend(call, q, k, v, attend_next)  the attention itself; ``attend_next``
                                      is the rest of the chain (other controls,
                                      another pack's replace patch, or ComfyUI's
@@ -152,6 +154,13 @@ class AttentionControl:
         """The sampler-space latent the run starts from at its first sigma (``noise`` gives
         shape, device and dtype), or None to start where ComfyUI puts it. ComfyUI's own
         noise scaling is solved for the noise that starts there (``patching.sampler_start``)."""
+        return None
+
+    def end_sigma(self, run) -> Optional[float]:
+        """A sigma > 0 at which a run whose schedule ends at 0 ends instead, its result read
+        there as the VP latent (the model input at that sigma), or None to end at 0. DDIM with
+        ``set_alpha_to_one=False`` (diffusers, the official code of InDetail-IP) ends at ᾱ₀,
+        i.e. sigma_min (``patching.sampler_start``)."""
         return None
 
     def attend(self, call: AttentionCall, q, k, v, attend_next: AttendNext) -> torch.Tensor:

@@ -4,10 +4,20 @@ Set by the conflict-free guidance node at ``transformer_options[keys.IMAGE_PROMP
 and read by every image-prompt control (self-attention reference rows, IP-Adapter image
 tokens, subject streams ...). InDetail-IP (Sec. 4.1, Suppl. E):
 
-- ``positive_only`` (conflict-free guidance, the default): the image prompt conditions the
-  positive branch only; negative-branch rows attend to their own keys/values (plain
-  attention) and get no image tokens.
-- ``both``: the conflicting baseline (the image prompt in both branches), for comparison.
+- ``positive_only`` (conflict-free guidance, the default; the official ``sain: cond``): the
+  image prompt conditions the positive branch only; negative-branch rows attend to their own
+  keys/values (plain attention) and get no image tokens.
+- ``both``: the conflicting baseline, the paper's ablation (the official ``sain: all``): each
+  branch sees the image prompt *as that branch conditions it*. How each control reads it:
+  - a self-attention reference stream computed with text (InDetail-IP) gives each branch the
+    reference row computed with that branch's reference text: the inversion prompt for the
+    positive rows, the inversion's ``negative`` text for the negative rows (official: the
+    empty prompt), a second row. When both texts are the same the two rows are identical, so
+    one row serves both branches (the pre-existing shared row, 2N+1 rows; 2N+2 otherwise):
+    the shared variant needs no name of its own;
+  - image tokens that do not depend on text (IP-Adapter) are the same image prompt in both
+    branches;
+  - a control that edits the generated rows (MCA-Ctrl) edits the negative rows too.
 - ``negative_image``: the positive branch gets the image prompt, the negative branch a
   different "negative" image (``negative_inversion`` for self-attention controls,
   ``negative_image`` pixels for encoder-based ones); a control that cannot use the given

@@ -70,11 +70,12 @@ def test_lambda_reference_zero_is_unpatched_exactly(qkv):
 
 
 def test_modes_with_own_keys_values_are_unpatched(qkv):
-    """Replacement by the row's own K/V is plain self-attention; concatenating the own K/V with
-    themselves and stratifying with them change nothing either."""
+    """Replacement by the row's own K/V is plain self-attention (the formula, float64);
+    concatenating the own K/V with themselves (the official negative branch under ``sain:
+    cond``) and stratifying with them change nothing either."""
     q, k, v, _, _ = qkv
-    own = attend(q, k, v)
-    torch.testing.assert_close(kv_replace(q, k, v, attend), own, atol=0, rtol=0)
+    own = softmax_attention(q, k, v)
+    torch.testing.assert_close(kv_replace(q, k, v, attend), own, **TOL)
     torch.testing.assert_close(kv_concat(q, k, v, k, v, attend), own, **TOL)
     torch.testing.assert_close(stratified_attention(q, k, v, k, v, 0.5, 0.5, attend), own, **TOL)
 
@@ -147,6 +148,19 @@ def test_chain_between_sigmas_is_the_ddim_step_of_the_segment():
     torch.testing.assert_close(chain.latent_at(4.0), ddim_step(latents[3], eps_top, 3.0, 4.0), atol=1e-6, rtol=0)
 
 
+def test_chain_below_its_clean_level_is_the_ddim_step_towards_zero():
+    """A chain from the clean level sigma_min (the official convention): a sigma between 0 and
+    it gets the first segment's epsilon extrapolated downwards, DDIM towards sigma 0."""
+    sigmas = torch.tensor([0.0292, 0.5, 1.5])
+    latents = torch.randn(3, 1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    chain = InvertedChain(sigmas, latents)
+    eps = (latents[1] - latents[0]) / (0.5 - 0.0292)
+    for sigma in (0.01, 0.0):
+        torch.testing.assert_close(chain.latent_at(sigma), ddim_step(latents[0], eps, 0.0292, sigma),
+                                   atol=1e-6, rtol=0)
+    assert torch.equal(chain.latent_at(0.0292), latents[0])
+
+
 def test_chain_resize_policy_keeps_values_and_covers_the_target():
     chain, _, latents = make_chain()
     small = chain.resized(3, 3)
@@ -162,6 +176,21 @@ def test_chain_validation():
         InvertedChain(torch.tensor([0.0, 2.0, 1.0]), torch.zeros(3, 1, 4, 2, 2))
     with pytest.raises(ValueError, match="one latent per sigma"):
         InvertedChain(torch.tensor([0.0, 1.0]), torch.zeros(3, 1, 4, 2, 2))
+    with pytest.raises(ValueError, match="sigmas >= 0"):
+        InvertedChain(torch.tensor([-0.1, 1.0]), torch.zeros(2, 1, 4, 2, 2))
+
+
+# ------------------------------------------------------------- end of a run
+
+@pytest.mark.parametrize("sigmas,expected", [
+    ([8.39, 3.35, 0.0413, 0.0], [8.39, 3.35, 0.0413, 0.0292]),  # ddim_uniform: the last step goes to ᾱ₀
+    ([14.6, 1.2, 0.0292, 0.0], [14.6, 1.2, 0.0292, 0.0]),       # 'normal' / 'karras': already leaves from it
+    ([14.6, 0.01, 0.0], [14.6, 0.01, 0.0]),                      # below the level: ComfyUI's own end
+])
+def test_schedule_ending_at_the_clean_level(sigmas, expected):
+    from qkv_control.patching.sampler_start import schedule_ending_at
+    got = schedule_ending_at(torch.tensor(sigmas), 0.0292)
+    torch.testing.assert_close(got, torch.tensor(expected))
 
 
 def test_inversion_input_scale_gives_the_lower_vp_latent():
@@ -191,6 +220,7 @@ def test_adain_is_equation_2():
 def test_policy_values():
     assert get_policy({}).positive_only
     assert get_policy({keys.IMAGE_PROMPT_POLICY: "both"}).include_negative
+    assert ImagePromptPolicy("conflicting").mode == "both" and ImagePromptPolicy("cond").mode == "positive_only"
     assert ImagePromptPolicy("Negative image").mode == "negative_image"
     with pytest.raises(ValueError, match="expected one of positive_only, both, negative_image, got 'sometimes'"):
         ImagePromptPolicy("sometimes")
