@@ -214,6 +214,13 @@ class MCACtrl(AttentionControl):
             return mca.PHASE_NONE
         return self.schedule.phases.phase(run.clock.step(sigma), run.clock.steps)
 
+    def end_sigma(self, run) -> Optional[float]:
+        """The inversions' clean level: the official pipeline (MasaCtrl's DDIM with
+        ``set_alpha_to_one=False``) ends its last step at ᾱ₀ = sigma_min, as its inversion starts
+        there; a clean level 0 (the DDIM Inversion node's ``zero``) ends at 0."""
+        clean = self.subject.clean_sigma
+        return clean if clean > 0 else None
+
     def start_latent(self, run, noise: torch.Tensor) -> Optional[torch.Tensor]:
         """Replacement / addition: the target starts from the scene's inverted latent at the
         run's first sigma (paper: the target shares the condition's initial features)."""

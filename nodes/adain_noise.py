@@ -25,8 +25,11 @@ class QKVAdaINNoise(io.ComfyNode):
                         "then starts at the AdaIN z_T of its own first sigma (any sampler node, scheduler, "
                         "denoise). 'latent' feeds KSampler (Advanced), 'noise' SamplerCustomAdvanced.",
             inputs=[
-                io.Model.Input("model", tooltip="The model you sample with (after InDetail-IP Reference Attention "
-                                                "and Image Prompt Guidance)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The model you sample with (after InDetail-IP Reference Attention and Image "
+                                       "Prompt Guidance); its copy at the 'model' output starts every run at the "
+                                       "AdaIN z_T. Optional, so graphs made before this input existed still run: "
+                                       "without it, 'latent' and 'noise' are exact on the inversion's own schedule."),
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
                 io.Latent.Input("latent", tooltip="The target latent (Empty Latent Image): size and batch."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -37,12 +40,13 @@ class QKVAdaINNoise(io.ComfyNode):
                                  "sampler's latent (KSampler, or KSamplerAdvanced with add_noise disabled)."),
                 io.Noise.Output(display_name="noise", tooltip="AdaIN noise for SamplerCustomAdvanced (same start)."),
                 io.Model.Output(display_name="model", tooltip="Sample with this model: each run starts exactly at the "
-                                "AdaIN z_T of its first sigma, the noise drawn from this node's seed."),
+                                "AdaIN z_T of its first sigma, the noise drawn from this node's seed. Needs the "
+                                "'model' input."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, inversion, latent, seed) -> io.NodeOutput:
+    def execute(cls, inversion, latent, seed, model=None) -> io.NodeOutput:
         with errors_named(NAME):
             check_inversion(NAME, inversion, model)
             samples = latent["samples"]
@@ -57,7 +61,9 @@ class QKVAdaINNoise(io.ComfyNode):
             out = latent.copy()
             out["samples"] = inversion.latent_out(noise_source.start_latent(latent))
             out.pop("noise_mask", None)
-            started = add_control(model, AdaINStart(inversion, seed, latent.get("batch_index")))
+            # No model connected: nothing to start (the output is only usable with the input).
+            started = None if model is None else add_control(model, AdaINStart(inversion, seed,
+                                                                                 latent.get("batch_index")))
         return io.NodeOutput(out, noise_source, started)
 
 

@@ -533,8 +533,7 @@ def test_adain_outputs_start_the_sampler_at_the_adain_z_t(adain_kit, scheduler, 
     scheduler and denoise: 1e-5 relative (float32; ComfyUI's own noise scaling solved)."""
     model, positive, negative, inversion = adain_kit
     patched = indetail(model, inversion)
-    latent, noise, started = QKVAdaINNoise.execute(patched, inversion, {"samples": torch.zeros(2, 4, SIZE, SIZE)},
-                                                   7).args
+    latent, noise, started = QKVAdaINNoise.execute(model=patched, inversion=inversion, latent={"samples": torch.zeros(2, 4, SIZE, SIZE)}, seed=7).args
     via_noise, sigma = _noise_route(started, positive, negative, noise, scheduler, denoise)
     via_latent = _latent_route(started, positive, negative, latent, scheduler, denoise)
     expected = adain_z_t(inversion, sigma, 7, 2)
@@ -549,7 +548,10 @@ def test_adain_outputs_alone_start_at_the_adain_z_t_on_the_inversion_schedule(ad
     solved for ComfyUI's scaling by sigma below sigma_max (not 0.993·z_T). 1e-5 relative."""
     model, positive, negative, inversion = adain_kit
     patched = indetail(model, inversion)
-    latent, noise, _ = QKVAdaINNoise.execute(patched, inversion, {"samples": torch.zeros(2, 4, SIZE, SIZE)}, 7).args
+    # The model input is optional too, so a saved graph whose AdaIN node predates it still runs.
+    latent, noise, started = QKVAdaINNoise.execute(inversion=inversion, latent={"samples": torch.zeros(2, 4, SIZE, SIZE)},
+                                                   seed=7).args
+    assert started is None
     via_noise, sigma = _noise_route(patched, positive, negative, noise, "ddim_uniform", 1.0)
     via_latent = _latent_route(patched, positive, negative, latent, "ddim_uniform", 1.0)
     assert sigma == pytest.approx(inversion.chain.sigma_max, rel=1e-6)
@@ -576,7 +578,7 @@ def test_validation_messages(sd15):
         QKVImagePromptGuidance.execute(model, "negative_image")
     with pytest.raises(ValueError, match="AdaIN Noise: expected 1 reference or as many as the latent batch"):
         two, _ = run_inversion(model, reference_latent(batch=2), positive)
-        QKVAdaINNoise.execute(model, two, {"samples": torch.zeros(3, 4, 8, 8)}, 0)
+        QKVAdaINNoise.execute(model=model, inversion=two, latent={"samples": torch.zeros(3, 4, 8, 8)}, seed=0)
     message = QKVInDetailReferenceAttention.validate_inputs(schedule="blend:0-1")
     assert "expected a mode in stratified, concat, replace, none, got 'blend'" in message
     assert QKVDDIMInversion.validate_inputs(steps=0, scheduler="normal").startswith("QKV DDIM Inversion: expected steps >= 1")

@@ -190,7 +190,7 @@ def pack_graph(model, conds, reference, schedule, policy, batch=1, negative_text
                                          conds["inversion_negative"] if negative_text else None).args[0]
     m = QKVInDetailReferenceAttention.execute(model, inversion, "output", schedule, 0.5, 0.5).args[0]
     m = QKVImagePromptGuidance.execute(m, policy).args[0]
-    latent, noise, m = QKVAdaINNoise.execute(m, inversion, {"samples": torch.zeros(batch, 4, SIZE, SIZE)}, SEED).args
+    latent, noise, m = QKVAdaINNoise.execute(model=m, inversion=inversion, latent={"samples": torch.zeros(batch, 4, SIZE, SIZE)}, seed=SEED).args
     return m, latent, noise
 
 
@@ -300,6 +300,6 @@ def test_clean_level_zero_is_measurably_another_convention(kit, official):
                                          None, "zero").args[0]
     assert float(inversion.chain.sigmas[0]) == 0.0
     m = QKVInDetailReferenceAttention.execute(model, inversion, "output", schedule, 0.5, 0.5).args[0]
-    latent, _, m = QKVAdaINNoise.execute(m, inversion, {"samples": torch.zeros(1, 4, SIZE, SIZE)}, SEED).args
+    latent, _, m = QKVAdaINNoise.execute(model=m, inversion=inversion, latent={"samples": torch.zeros(1, 4, SIZE, SIZE)}, seed=SEED).args
     got = ksampler_advanced(m, conds, latent)
     assert relative(got, official(schedule)) > 2e-2, relative(got, official(schedule))
