@@ -22,6 +22,7 @@ from ..attention.cross_attention import KV_SHARE_MODES
 from ..attention.layers import resolve_weight_spec, select_layers
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
+from .errors import errors_named
 
 logger = logging.getLogger("qkv_control")
 
@@ -30,6 +31,14 @@ FOLDER = "ipadapter"
 EXTENSIONS = {".bin", ".safetensors", ".sft"}
 
 IPAdapterType = io.Custom("QKV_IPADAPTER")
+
+# Display names, which also open the nodes' error messages.
+LOADER_NAME = "QKV IP-Adapter Loader"
+APPLY_NAME = "QKV IP-Adapter Apply"
+STYLE_CONTENT_NAME = "QKV IP-Adapter Style and Content (DEADiff)"
+CONDITION_GUIDANCE_NAME = "QKV Condition Guidance (e-commerce)"
+MASK_GUIDANCE_NAME = "QKV Mask Guidance (e-commerce)"
+ATTENTION_MAP_NAME = "QKV Word Attention Map (sampler)"
 
 
 def register_folder() -> None:
@@ -62,6 +71,19 @@ def _layer_kv(model, adapter: IPAdapterModel, node: str):
     return adapter.layer_map(discover_layers(model), _context_dim(model), node)
 
 
+def _check_layer_weights(node: str, mode: str, weight: float, spec: str, layers) -> None:
+    """The weight spec resolves on this model; in joint mode, which scales the image tokens' share
+    of one softmax, weight x layer weight >= 0 in every layer: said here, before sampling."""
+    layer_weights = resolve_weight_spec(spec, layers, "attn2")
+    if mode != "joint":
+        return
+    negative = [w for w in layer_weights.values() if weight * w < 0]
+    if negative:
+        raise ValueError(f"{node}: expected weight x layer weight >= 0 in every layer in joint mode (one softmax "
+                         f"over text and image tokens), got {weight} x {min(negative, key=lambda w: weight * w)} "
+                         f"from '{spec}'")
+
+
 def _conditioning_context(conditioning, node: str):
     if not conditioning:
         raise ValueError(f"{node}: expected a CONDITIONING with one entry, got an empty one")
@@ -86,7 +108,7 @@ class QKVIPAdapterLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVIPAdapterLoader",
-            display_name="QKV IP-Adapter Loader",
+            display_name=LOADER_NAME,
             category=CATEGORY,
             description="Loads IP-Adapter weights (sd15, sd15_light, sd15_plus, plus-face, sdxl, sdxl_vit-h, "
                         "plus_sdxl_vit-h; .safetensors or .bin, read without running pickled code) from "
@@ -100,9 +122,10 @@ class QKVIPAdapterLoader(io.ComfyNode):
         )
 
     @classmethod
+    @errors_named(LOADER_NAME)
     def execute(cls, ipadapter_file: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, ipadapter_file)
-        adapter = IPAdapterModel(load_file(path), name=f"QKV IP-Adapter Loader ({ipadapter_file})")
+        adapter = IPAdapterModel(load_file(path), name=f"{LOADER_NAME} ({ipadapter_file})")
         logger.info("QKV IP-Adapter: loaded %s: %s", ipadapter_file, adapter.describe())
         return io.NodeOutput(adapter)
 
@@ -112,7 +135,7 @@ class QKVIPAdapterApply(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVIPAdapterApply",
-            display_name="QKV IP-Adapter Apply",
+            display_name=APPLY_NAME,
             category=CATEGORY,
             description="Adds an image prompt to the model's cross-attention: decoupled (IP-Adapter: text "
                         "attention + weight x image attention) or joint (DEADiff: one softmax over text and "
@@ -137,16 +160,17 @@ class QKVIPAdapterApply(io.ComfyNode):
         )
 
     @classmethod
+    @errors_named(APPLY_NAME)
     def execute(cls, model, ipadapter, clip_vision, image, weight, mode, start_at, end_at,
                 layer_weights) -> io.NodeOutput:
-        node = "QKV IP-Adapter Apply"
+        node = APPLY_NAME
         if weight == 0:
             return io.NodeOutput(model)
         if mode == "joint" and weight < 0:
             raise ValueError(f"{node}: expected a weight >= 0 in joint mode (it scales the image tokens' share of "
                              f"one softmax), got {weight}")
         layers = discover_layers(model)
-        resolve_weight_spec(layer_weights, layers, "attn2")
+        _check_layer_weights(node, mode, weight, layer_weights, layers)
         layer_kv = _layer_kv(model, ipadapter, node)
         tokens = ipadapter.encode(clip_vision, image)
         sigma_start, sigma_end = _sigma_window(model, start_at, end_at)
@@ -161,7 +185,7 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVIPAdapterStyleContent",
-            display_name="QKV IP-Adapter Style and Content (DEADiff)",
+            display_name=STYLE_CONTENT_NAME,
             category=CATEGORY,
             description="DEADiff's disentangled conditioning with an IP-Adapter: the style image goes to the "
                         "fine, high-resolution cross-attention layers, the content (semantic) image to the "
@@ -192,11 +216,15 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
         )
 
     @classmethod
+    @errors_named(STYLE_CONTENT_NAME)
     def execute(cls, model, ipadapter, clip_vision, style_image, style_weight, content_weight, mode, start_at,
                 end_at, style_layers, content_layers, content_image=None) -> io.NodeOutput:
-        node = "QKV IP-Adapter Style and Content"
+        node = STYLE_CONTENT_NAME
         layers = discover_layers(model)
         style_spec, content_spec = routing_specs(layers, style_layers, content_layers)
+        _check_layer_weights(node, mode, style_weight, style_spec, layers)
+        if content_image is not None:
+            _check_layer_weights(node, mode, content_weight, content_spec, layers)
         layer_kv = _layer_kv(model, ipadapter, node)
         references = []
         if style_weight != 0:
@@ -219,7 +247,7 @@ class QKVConditionGuidance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVConditionGuidance",
-            display_name="QKV Condition Guidance (e-commerce)",
+            display_name=CONDITION_GUIDANCE_NAME,
             category=CATEGORY,
             description="E-commerce condition guidance: in the chosen cross-attention layers the prompt rows "
                         "take the keys/values of a preset text condition (replace) or attend to both theirs and "
@@ -242,8 +270,9 @@ class QKVConditionGuidance(io.ComfyNode):
         )
 
     @classmethod
+    @errors_named(CONDITION_GUIDANCE_NAME)
     def execute(cls, model, preset, mode, layers, start_at, end_at) -> io.NodeOutput:
-        node = "QKV Condition Guidance"
+        node = CONDITION_GUIDANCE_NAME
         select_layers(layers, discover_layers(model), "attn2")
         context = _conditioning_context(preset, node)
         if context.shape[-1] != _context_dim(model):
@@ -265,7 +294,7 @@ class QKVMaskGuidance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVMaskGuidance",
-            display_name="QKV Mask Guidance (e-commerce)",
+            display_name=MASK_GUIDANCE_NAME,
             category=CATEGORY,
             description="E-commerce mask guidance: the cross-attention map of chosen prompt words, thresholded, "
                         "multiplies their values in the chosen layers, holding the product's composition. "
@@ -294,8 +323,9 @@ class QKVMaskGuidance(io.ComfyNode):
         )
 
     @classmethod
+    @errors_named(MASK_GUIDANCE_NAME)
     def execute(cls, model, clip, text, words, threshold, strength, layers, start_at, end_at) -> io.NodeOutput:
-        node = "QKV Mask Guidance"
+        node = MASK_GUIDANCE_NAME
         select_layers(layers, discover_layers(model), "attn2")
         positions = word_token_positions(clip, text, words, node)
         positive = _encode(clip, text)
@@ -312,7 +342,7 @@ class QKVAttentionMap(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="QKVAttentionMap",
-            display_name="QKV Word Attention Map (sampler)",
+            display_name=ATTENTION_MAP_NAME,
             category=CATEGORY,
             description="Samples like KSampler and records the cross-attention maps of chosen prompt words, "
                         "averaged over layers, heads, words and steps: a MASK (e.g. for MCA-Ctrl's target "
@@ -344,11 +374,12 @@ class QKVAttentionMap(io.ComfyNode):
         )
 
     @classmethod
+    @errors_named(ATTENTION_MAP_NAME)
     def execute(cls, model, clip, text, words, negative, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, layers, denoise) -> io.NodeOutput:
         import nodes as comfy_nodes
 
-        node = "QKV Word Attention Map"
+        node = ATTENTION_MAP_NAME
         select_layers(layers, discover_layers(model), "attn2")
         positions = word_token_positions(clip, text, words, node)
         sink: dict = {}

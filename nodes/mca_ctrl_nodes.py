@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from comfy_api.latest import io
 
 from ..attention import mca_ctrl as mca
@@ -14,6 +12,7 @@ from ..mca_ctrl.control import MCACtrl
 from ..patching.prompt_tokens import word_token_positions
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
+from .errors import errors_named
 
 Inversion = io.Custom(INVERSION_TYPE)
 CATEGORY = "QKV Control/MCA-Ctrl"
@@ -68,16 +67,6 @@ def _validate_schedule(node: str, sagi_steps=0.1, salq_end=1.0, order=mca.ORDER_
     return True
 
 
-@contextlib.contextmanager
-def _errors_named(node: str):
-    """Errors of the control's own checks, prefixed with the node's name (once)."""
-    try:
-        yield
-    except ValueError as error:
-        message = str(error)
-        raise ValueError(message if message.startswith(node) else f"{node}: {message}") from None
-
-
 def _check_mask(node: str, mask, what: str):
     if mask is None:
         return None
@@ -126,7 +115,7 @@ class QKVMCACtrlReplace(io.ComfyNode):
         check_inversion(REPLACE_NAME, subject, model, "subject")
         check_inversion(REPLACE_NAME, scene, model, "scene")
         _check_layers(REPLACE_NAME, model, salq_layers, sagi_layers)
-        with _errors_named(REPLACE_NAME):
+        with errors_named(REPLACE_NAME):
             control = MCACtrl(subject, _check_mask(REPLACE_NAME, subject_mask, "subject_mask"),
                               _check_mask(REPLACE_NAME, target_mask, "target_mask"), condition=scene,
                               schedule=_schedule(REPLACE_NAME, sagi_steps, salq_end, order),
@@ -192,7 +181,7 @@ class QKVMCACtrlGenerate(io.ComfyNode):
         if context.shape[-1] != subject.context_dim:
             raise ValueError(f"{GENERATE_NAME}: expected a text encoder of width {subject.context_dim} (the "
                              f"subject inversion's model), got {context.shape[-1]}")
-        with _errors_named(GENERATE_NAME):
+        with errors_named(GENERATE_NAME):
             control = MCACtrl(subject, _check_mask(GENERATE_NAME, subject_mask, "subject_mask"),
                               _check_mask(GENERATE_NAME, target_mask, "target_mask"),
                               condition_context=context[:1].detach(),
