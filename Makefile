@@ -1,5 +1,7 @@
 # QKV Control: every target provisions the ComfyUI runtime first (idempotent, fast when done).
-PY := .runtime/venv/bin/python
+# QKV_RUNTIME moves the runtime (scripts/setup.sh, the tests and the client read it too).
+RUNTIME := $(or $(QKV_RUNTIME),.runtime)
+PY := $(RUNTIME)/venv/bin/python
 PORT ?= 8188
 WORKFLOW ?=
 PYTEST_ARGS ?=

@@ -13,7 +13,7 @@ message names the node (its display name). Never another exception, never NaN/in
 no-op (a patched model sampling exactly like the unpatched one where the draw says it should act).
 
 Bounded and reproducible: ``derandomize=True`` (the draws are a function of the test alone, no
-database), ``max_examples`` per node below (~3 minutes in all on 2 cores). Costly widgets are drawn
+database), ``max_examples`` per node below (~1.5-2.5 minutes in all on 2 cores). Costly widgets are drawn
 from a smaller part of their range (``COST_LIMITS``: step counts, detection resolution), said there.
 Every failing draw found so far is a named test in tests/test_fuzz_regressions.py; the ones whose
 fix belongs in the method packages are xfail there and listed in ``KNOWN_FAILURES`` so that this
@@ -36,7 +36,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import comfy.model_patcher
-import comfy.samplers
 import folder_paths
 from comfy_api.latest import io
 from helpers import encode, sample
@@ -599,7 +598,7 @@ def run_draw(node, data, kit, outcomes: collections.Counter) -> None:
         if inp.optional and not data.draw(st.booleans(), label=f"{inp.id}_present"):
             continue
         widgets[inp.id] = data.draw(strategy, label=inp.id)
-    links = {k: v for k, v in case.links.items()}
+    links = dict(case.links)
     try:
         try:
             verdict = node.validate_inputs(**widgets)
