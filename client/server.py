@@ -42,13 +42,24 @@ def runtime_dir() -> Path:
     return Path(os.environ.get("QKV_RUNTIME", PACK_ROOT / ".runtime"))
 
 
+# Which provisioned tree to use: "default" (the one `make setup` provisions, or $COMFYUI_PATH) or
+# "oldest" (the oldest supported ComfyUI, provisioned by `make test` for the suite's second pass).
+COMFYUI_CHOICE_ENV = "QKV_COMFYUI"
+TREE_MARKERS = {"default": "comfyui_path", "oldest": "comfyui_oldest_path"}
+
+
 def comfyui_path() -> Path:
-    """The ComfyUI tree: ``$COMFYUI_PATH``, else the one ``scripts/setup.sh`` recorded."""
-    if os.environ.get("COMFYUI_PATH"):
+    """The ComfyUI tree: the oldest supported one when ``$QKV_COMFYUI=oldest``, else
+    ``$COMFYUI_PATH``, else the one ``scripts/setup.sh`` recorded."""
+    choice = os.environ.get(COMFYUI_CHOICE_ENV, "").strip() or "default"
+    if choice not in TREE_MARKERS:
+        raise RuntimeError(f"{COMFYUI_CHOICE_ENV}={choice!r}: expected one of {', '.join(TREE_MARKERS)}")
+    if choice == "default" and os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"]).resolve()
-    marker = runtime_dir() / "comfyui_path"
+    marker = runtime_dir() / TREE_MARKERS[choice]
     if not marker.exists():
-        raise RuntimeError(f"ComfyUI runtime missing ({marker} not found): run `make setup` first")
+        setup = "make test" if choice == "oldest" else "make setup"
+        raise RuntimeError(f"ComfyUI runtime missing ({marker} not found): run `{setup}` first")
     return Path(marker.read_text().strip())
 
 

@@ -51,6 +51,19 @@ def _layer_kv(model, adapter: IPAdapterModel, node: str):
     return adapter.layer_map(discover_layers(model), context_dim(model), node)
 
 
+def _check_layer_weights(mode: str, weight: float, spec: str, layers) -> None:
+    """The weight spec resolves on this model; in joint mode, which scales the image tokens' share
+    of one softmax, weight x layer weight >= 0 in every layer: said here, before sampling."""
+    layer_weights = resolve_weight_spec(spec, layers, "attn2")
+    if mode != "joint":
+        return
+    negative = [w for w in layer_weights.values() if weight * w < 0]
+    if negative:
+        raise ValueError(f"expected weight x layer weight >= 0 in every layer in joint mode (one softmax over "
+                         f"text and image tokens), got {weight} x {min(negative, key=lambda w: weight * w)} "
+                         f"from '{spec}'")
+
+
 class QKVIPAdapterLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -113,11 +126,8 @@ class QKVIPAdapterApply(io.ComfyNode):
         if weight == 0:
             return io.NodeOutput(model)
         with errors_named(APPLY_NAME):
-            if mode == "joint" and weight < 0:
-                raise ValueError(f"expected a weight >= 0 in joint mode (it scales the image tokens' share of "
-                                 f"one softmax), got {weight}")
             window = step_window(start_at, end_at)
-            resolve_weight_spec(layer_weights, discover_layers(model), "attn2")
+            _check_layer_weights(mode, weight, layer_weights, discover_layers(model))
             layer_kv = _layer_kv(model, ipadapter, APPLY_NAME)
             tokens = ipadapter.encode(clip_vision, image)
             reference = Reference("image", tokens, weight, layer_weights, functools.partial(ipadapter.encode, clip_vision))
@@ -167,6 +177,9 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
             window = step_window(start_at, end_at)
             layers = discover_layers(model)
             style_spec, content_spec = routing_specs(layers, style_layers, content_layers)
+            _check_layer_weights(mode, style_weight, style_spec, layers)
+            if content_image is not None:
+                _check_layer_weights(mode, content_weight, content_spec, layers)
             layer_kv = _layer_kv(model, ipadapter, STYLE_CONTENT_NAME)
             encode = functools.partial(ipadapter.encode, clip_vision)
             references = []

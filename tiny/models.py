@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -162,7 +165,11 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
 
 def tiny_clip_vision(seed: int = 0) -> comfy.clip_vision.ClipVisionModel:
     """A 3-layer ViT CLIP vision model (width 64, 56 px input, 16 patches)."""
-    vision = comfy.clip_vision.ClipVisionModel(dict(_VISION_CONFIG))
+    # A JSON file, not a dict: before ComfyUI 0.24 the config argument is a path only.
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = Path(folder) / "clip_vision_config.json"
+        config_path.write_text(json.dumps(_VISION_CONFIG))
+        vision = comfy.clip_vision.ClipVisionModel(str(config_path))
     initialise(vision.model, seed + 3)
     return vision
 
