@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ from comfy_api.latest import io
 from helpers import encode, sample
 from qkv_control.attention import fusion_schedule as fs
 from qkv_control.attention.layers import resolve_weight_spec, select_layers
+from qkv_control.inversion.ddim import vp_scale
 from qkv_control.inversion.result import InversionResult
 from qkv_control.localization.managed import GROUNDING_DINO_FOLDER, SAM_FOLDER
 from qkv_control.nodes import registry
@@ -64,7 +66,7 @@ MAX_EXAMPLES = {
     "QKVAdaINNoise": 12, "QKVMCACtrlReplace": 14, "QKVMCACtrlGenerate": 14, "QKVIPAdapterLoader": 12,
     "QKVIPAdapterApply": 14, "QKVIPAdapterStyleContent": 12, "QKVConditionGuidance": 12,
     "QKVMaskGuidance": 12, "QKVAttentionMap": 16, "QKVGroundingDinoLoader": 4, "QKVSamLoader": 4,
-    "QKVTextSegment": 12,
+    "QKVTextSegment": 12, "QKVSamSegment": 12,
 }
 
 # No shrinking by default, so a failure costs no more time than a pass (its draws are printed).
@@ -135,6 +137,18 @@ def _words_of(prompt_input: str):
     return strategy
 
 
+POINT_LISTS = ["[]", '[{"x": 10, "y": 12}]', '[{"x": 0, "y": 0}, {"x": 95.5, "y": 40}]', '[{"x": 500, "y": -3}]',
+               '[[{"x": 4, "y": 4}], [{"x": 20, "y": 9}]]', '[[]]']
+BAD_POINT_LISTS = ["{", '[{"x": 1}]', '[{"x": "a", "y": 2}]', '{"x": 1, "y": 2}', "[1, 2]", '[{"x": NaN, "y": 1}]',
+                   '[{"x": 1e999, "y": 1}]'] + HOSTILE
+
+
+def _point_lists():
+    """JSON point lists as core's SAM3_Detect reads them (pixels; a list per image too)."""
+    grid = st.lists(st.fixed_dictionaries({"x": st.integers(0, 120), "y": st.integers(0, 120)}), max_size=4)
+    return mostly(st.one_of(st.sampled_from(POINT_LISTS), grid.map(json.dumps)), BAD_POINT_LISTS)
+
+
 def _block_specs(drawn):
     return mostly(BLOCK_SPECS, BAD_BLOCK_SPECS)
 
@@ -157,6 +171,8 @@ STRING_STRATEGIES: dict[str, Callable[[dict], st.SearchStrategy]] = {
     "words": _words_of("text"),
     "subject_word": _words_of("condition_prompt"),
     "prompt": lambda drawn: mostly(SEGMENT_PROMPTS, BAD_SEGMENT_PROMPTS),
+    "positive_coords": lambda drawn: _point_lists(),
+    "negative_coords": lambda drawn: _point_lists(),
 }
 
 
@@ -389,16 +405,21 @@ def case_adain(data, kit):
     steps, scheduler, _ = draw_schedule(data)
     ref = _inversion_links(data, family, h, w, steps, scheduler, "reference")
     latent = {"samples": torch.zeros((batch, data.draw(mostly([4], [16]), label="channels"), h, w))}
+    links = {"inversion": ref, "latent": latent}
+    if data.draw(st.booleans(), label="model_connected"):  # optional: graphs made before it had one
+        links["model"] = _model(family)
 
     def statistics_follow_the_reference(outputs, widgets):
-        noise = outputs[1].generate_noise(latent)
-        assert torch.isfinite(noise).all()
-        reference = outputs[1].reference()
+        start = outputs[1].start_latent(latent)
+        assert torch.isfinite(start).all()
+        sigma = ref.chain.sigma_max
+        reference = ref.chain.latent_at(sigma) * vp_scale(sigma)
         if reference.shape[0] == 1 and h * w > 1:
-            # AdaIN: per sample and channel, the noise takes the reference's mean (eq. 2).
-            torch.testing.assert_close(noise.mean(dim=(2, 3)), reference.mean(dim=(2, 3)).expand(batch, -1),
-                                       atol=1e-4, rtol=1e-4)
-    return Case({"inversion": ref, "latent": latent}, checks=[statistics_follow_the_reference])
+            # AdaIN (eq. 2): per sample and channel the VP start takes the reference's mean.
+            torch.testing.assert_close((start * vp_scale(sigma)).mean(dim=(2, 3)),
+                                       reference.mean(dim=(2, 3)).expand(batch, -1), atol=1e-4, rtol=1e-4)
+        assert (outputs[2] is None) == ("model" not in links)
+    return Case(links, checks=[statistics_follow_the_reference])
 
 
 def _mca_acts(widgets, mask):
@@ -429,10 +450,15 @@ def case_mca_generate(data, kit):
              "subject_mask": draw_mask(data, sh * 8, sw * 8, "subject_mask")}
     if data.draw(st.booleans(), label="target_mask_connected"):
         links["target_mask"] = draw_mask(data, h * 8, w * 8, "target_mask")
-    # The condition stream changes the target from step 0 wherever SAGI or SALQ runs.
-    return Case(links, Sampling(family, batch, h, w, steps, scheduler, cfg,
-                                acts=lambda widgets: widgets["salq_end"] > widgets["sagi_steps"]
-                                and "target_mask" not in links))
+
+    def acts(widgets):
+        # Generation runs step 0 plain (the official code); from step 1, wherever SAGI or SALQ runs,
+        # the target's queries inside a non-empty target mask read the subject. The automatic mask
+        # may be empty on a tiny latent (its 16x16 level is then one token), so only a drawn one counts.
+        mask = links.get("target_mask")
+        return (mask is not None and float(mask.max()) >= 0.5 and steps > 1
+                and widgets["salq_end"] > 1.0 / steps + 1e-9)
+    return Case(links, Sampling(family, batch, h, w, steps, scheduler, cfg, acts=acts))
 
 
 def case_ipadapter_loader(data, kit):
@@ -524,6 +550,33 @@ def _localization_models():
         folder_paths.get_filename_list(SAM_FOLDER)[0]).args[0]
 
 
+def _boxes(data, batch: int):
+    """Core BOUNDING_BOX values: one box, a list for every image, a list per image (pixels)."""
+    box = st.fixed_dictionaries({"x": st.integers(-10, 90), "y": st.integers(-10, 90),
+                                 "width": st.integers(0, 80), "height": st.integers(0, 80)})
+    kind = data.draw(st.sampled_from(["one", "list", "per image", "empty"]), label="bboxes_kind")
+    if kind == "one":
+        return data.draw(box, label="bbox")
+    if kind == "list":
+        return data.draw(st.lists(box, max_size=3), label="bboxes")
+    if kind == "per image":
+        return data.draw(st.lists(st.lists(box, max_size=2), min_size=batch, max_size=batch), label="bboxes")
+    return []
+
+
+def case_sam_segment(data, kit):
+    _, sam = _localization_models()
+    image = draw_image(data, "image", channels=(1, 3, 4))
+    links = {"sam": sam, "image": image}
+    if data.draw(st.booleans(), label="bboxes_connected"):
+        links["bboxes"] = _boxes(data, image.shape[0])
+
+    def masks_in_unit_range(outputs, widgets):
+        masks = outputs[0]
+        assert masks.shape[1:] == image.shape[1:3] and float(masks.min()) >= 0 and float(masks.max()) <= 1
+    return Case(links, checks=[masks_in_unit_range])
+
+
 def case_text_segment(data, kit):
     gdino, sam = _localization_models()
     image = draw_image(data, "image", channels=(1, 3, 4))
@@ -550,6 +603,7 @@ RECIPES = {
     "QKVGroundingDinoLoader": case_localization_loader,
     "QKVSamLoader": case_localization_loader,
     "QKVTextSegment": case_text_segment,
+    "QKVSamSegment": case_sam_segment,
 }
 
 

@@ -18,6 +18,7 @@ import folder_paths
 from helpers import encode, sample
 from qkv_control.localization.managed import GROUNDING_DINO_FOLDER, SAM_FOLDER
 from qkv_control.nodes import ip_adapter_nodes as ipa
+from qkv_control.nodes import text_guidance_nodes as tg
 from qkv_control.nodes.ddim_inversion import QKVDDIMInversion
 from qkv_control.nodes.localization_nodes import QKVGroundingDinoLoader, QKVSamLoader, QKVTextSegment
 from qkv_control.nodes.mca_ctrl_nodes import REPLACE_NAME, QKVMCACtrlReplace
@@ -34,15 +35,7 @@ class Known(NamedTuple):
     when: Callable[[dict], bool] | None = None  # on the drawn widgets, where the message is not enough
 
 
-KNOWN_FAILURES: dict[str, Known] = {
-    "MCA-Ctrl target region covering a coarse layer": Known(
-        "QKVMCACtrlReplace", ValueError, r"MCA-Ctrl SALQ: expected a non-empty scene background"),
-    "text segment at a small detection resolution": Known(
-        "QKVTextSegment", ValueError, r"Expected more than 1 value per channel"),
-    "DDIM inversion with kl_optimal at 1 step": Known(
-        "QKVDDIMInversion", AssertionError, r"non-finite",
-        lambda widgets: widgets.get("scheduler") == "kl_optimal" and widgets.get("steps") == 1),
-}
+KNOWN_FAILURES: dict[str, Known] = {}
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +81,18 @@ def test_bad_block_or_weight_spec_is_refused_with_the_display_name(model_files, 
         "QKVIPAdapterStyleContent": lambda a: ipa.QKVIPAdapterStyleContent.execute(
             model, adapter, cached_clip_vision(0), image, 1.0, 0.5, "decoupled", 0.0, 1.0,
             a.get("style_layers", "auto"), "auto"),
-        "QKVConditionGuidance": lambda a: ipa.QKVConditionGuidance.execute(
+        "QKVConditionGuidance": lambda a: tg.QKVConditionGuidance.execute(
             model, encode(clip, "a watercolor"), "concat", a["layers"], 0.0, 1.0),
-        "QKVMaskGuidance": lambda a: ipa.QKVMaskGuidance.execute(
+        "QKVMaskGuidance": lambda a: tg.QKVMaskGuidance.execute(
             model, clip, "a photo of a product", "product", 0.5, 0.5, a["layers"], 0.0, 1.0),
-        "QKVAttentionMap": lambda a: ipa.QKVAttentionMap.execute(
+        "QKVAttentionMap": lambda a: tg.QKVAttentionMap.execute(
             model, clip, "a photo of a dog", "dog", encode(clip, ""), {"samples": torch.zeros((1, 4, 4, 4))},
             0, 1, 5.0, "ddim", "normal", a["layers"], 1.0),
         "QKVIPAdapterApply": lambda a: ipa.QKVIPAdapterApply.execute(
             model, adapter, cached_clip_vision(0), image, 2.7, "decoupled", 0.0, 1.0, a["layer_weights"]),
     }
-    display_name = getattr(ipa, node).define_schema().display_name
+    display_name = getattr(ipa, node, None) or getattr(tg, node)
+    display_name = display_name.define_schema().display_name
     with pytest.raises(ValueError) as caught:
         calls[node](args)
     assert str(caught.value).startswith(f"{display_name}: ") and "spec" in str(caught.value)
@@ -108,7 +102,7 @@ def test_attention_map_without_steps_names_the_node():
     """Found: denoise 0 (no step runs) was refused as 'QKV Word Attention Map', not its display name."""
     model, clip, _ = tiny_checkpoint("sd15")
     with pytest.raises(ValueError, match=r"^QKV Word Attention Map \(sampler\): expected the sampler to run"):
-        ipa.QKVAttentionMap.execute(model, clip, "a photo of a dog", "dog", encode(clip, ""),
+        tg.QKVAttentionMap.execute(model, clip, "a photo of a dog", "dog", encode(clip, ""),
                                     {"samples": torch.zeros((1, 4, 4, 4))}, 0, 1, 0.0, "euler", "simple", "all", 0.0)
 
 
@@ -136,13 +130,8 @@ def test_negative_layer_weight_in_joint_mode_is_refused_at_the_node(model_files,
     assert torch.isfinite(sample(patched, encode(clip, "a dog"), encode(clip, ""), steps=2, size=5)).all()
 
 
-# -- method code: xfail for the lead ---------------------------------------------------------------
+# -- method code -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mca_ctrl/attention.mca_ctrl: at the coarsest layers a dilated target region covers the whole token "
-    "grid, so SALQ has no scene background and fails inside the sampler ('MCA-Ctrl SALQ: expected a "
-    "non-empty scene background ... got an empty one', no node name); expected: the node says before "
-    "sampling what such a region does, or SALQ falls back there (issue 15 item 2)"))
 def test_mca_replace_with_a_region_covering_a_coarse_layer():
     steps, scheduler = 3, "karras"
     subject = _inversion(11, 10, steps, scheduler, seed=0)
@@ -163,11 +152,6 @@ def test_mca_replace_with_a_region_covering_a_coarse_layer():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "localization/pipeline.py: at detection_resolution 64 (the node's minimum) a 32x32 image reaches Grounding "
-    "DINO's extra feature level as 1x1 and its GroupNorm raises torch's 'Expected more than 1 value per "
-    "channel when training' (no node name); expected: masks, or a ValueError naming the node and the "
-    "smallest detection size that works"))
 def test_text_segment_at_the_smallest_detection_resolution(model_files):
     gdino = QKVGroundingDinoLoader.execute(GROUNDING_DINO_FILE).args[0]
     sam = QKVSamLoader.execute(SAM_FILE).args[0]
@@ -180,11 +164,6 @@ def test_text_segment_at_the_smallest_detection_resolution(model_files):
     assert masks.shape == (1, 32, 32) and torch.isfinite(masks).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "inversion/invert.py inversion_sigmas: ComfyUI's kl_optimal scheduler at 1 step returns [nan, 0] "
-    "(kl_optimal_scheduler divides by n - 1); flipped, the inversion runs on [0, nan] and InvertedChain's "
-    "'strictly ascending' check lets NaN through (NaN comparisons are false): the whole chain and z_T are "
-    "NaN, silently; expected: a ValueError naming the node (non-finite schedule) or a finite chain"))
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_ddim_inversion_kl_optimal_single_step(family):
     model, _, _ = tiny_checkpoint(family)

@@ -56,12 +56,14 @@ def tiny_bert_config():
 
 
 def tiny_grounding_dino_config():
+    """d_model 64: two channels per group in the 32-group GroupNorms of the input projections, as the
+    real model (256: eight) has at least two, so a 1x1 feature level normalises as it does there."""
     from transformers import GroundingDinoConfig, SwinConfig
 
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=128,
                           out_indices=[2, 3, 4], out_features=["stage2", "stage3", "stage4"])
     return GroundingDinoConfig(
-        backbone_config=backbone, text_config=tiny_bert_config(), d_model=32, encoder_layers=1, decoder_layers=2,
+        backbone_config=backbone, text_config=tiny_bert_config(), d_model=64, encoder_layers=1, decoder_layers=2,
         encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=8, decoder_attention_heads=8,
         encoder_n_points=2, decoder_n_points=2, num_queries=20,
     )
