@@ -3,7 +3,8 @@
 The inversion goes through ComfyUI's own sampling machinery (CFGGuider at cfg 1, so
 one UNet row per step and no CFG; conds, model loading, latent scaling and every
 model wrapper behave as in a normal run) with a sampler function that walks the
-ascending schedule and records the latent at every sigma.
+ascending schedule and records the latent at every sigma. Flow-matching models (Flux,
+SD3: ``model_sampling`` CONST) use the Euler inversion of ``inversion/flow.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
 from ..patching import keys
-from ..patching.model_info import context_dim, model_family
+from ..families.base import model_config_of
+from ..families.registry import family_of
+from ..patching.model_info import model_family
 from ..patching.patch import add_outermost_wrapper, without_controls
+from . import flow
 from .chain import InvertedChain
 from .ddim import ddim_step, eps_from_denoised, inversion_input_scale
 from .result import InversionResult
@@ -39,14 +43,18 @@ _CAPTURE_KEY = "qkv_control.inversion_capture"
 
 
 def prediction_type(model) -> str:
-    """'eps' or 'v' for the model's ``model_sampling``; a ValueError for anything DDIM cannot invert."""
+    """'eps', 'v' or 'flow' for the model's ``model_sampling``; a ValueError for anything the
+    inversion cannot invert."""
     ms = model.get_model_object("model_sampling")
+    if flow.is_flow(ms):
+        return flow.FLOW
     if isinstance(ms, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(ms, comfy.model_sampling.EPS) and not isinstance(ms, comfy.model_sampling.X0):
         return "eps"
     raise ValueError(
-        f"DDIM Inversion: expected an eps- or v-prediction model (SD1.5, SD2.x, SDXL), "
+        f"DDIM Inversion: expected an eps- or v-prediction model (SD1.5, SD2.x, SDXL) or a flow model "
+        f"(Flux, SD3), "
         f"got model_sampling {type(ms).__name__}"
     )
 
@@ -60,14 +68,8 @@ def inversion_sigmas(model, steps: int, scheduler: str) -> torch.Tensor:
 
 
 def empty_conditioning(model):
-    """Zero text conditioning of the model's width, used when no prompt is connected."""
-    width = context_dim(model)
-    extra = {}
-    adm = model.model.model_config.unet_config.get("adm_in_channels")
-    if adm:
-        # SDXL-style pooled text (its size: what the model's adm encoder expects minus the size embeddings)
-        extra["pooled_output"] = torch.zeros((1, max(int(adm) - 6 * 256, 1)))
-    return [[torch.zeros((1, 77, width)), extra]]
+    """Zero text conditioning of the model's widths, used when no prompt is connected."""
+    return family_of(model, "DDIM Inversion").empty_conditioning(model_config_of(model))
 
 
 def _hash_tensor(h, tensor) -> None:
@@ -199,7 +201,10 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
     prediction = prediction_type(model)
     if conditioning is None:
         conditioning = empty_conditioning(model)
-    sigmas = inversion_sigmas(model, steps, scheduler)
+    if prediction == flow.FLOW:
+        sigmas = flow.inversion_sigmas(model.get_model_object("model_sampling"), steps, scheduler)
+    else:
+        sigmas = inversion_sigmas(model, steps, scheduler)
     key = cache_key(model, samples, sigmas, conditioning)
     if use_cache:
         hit = _cached(model, key)
@@ -214,7 +219,10 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
     add_outermost_wrapper(plain, WrappersMP.APPLY_MODEL, _CAPTURE_KEY, _capture_wrapper(record))
     progress = comfy.utils.ProgressBar(steps)
     sigma_data = float(getattr(model.get_model_object("model_sampling"), "sigma_data", 1.0))
-    sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
+    if prediction == flow.FLOW:
+        sampler = comfy.samplers.KSAMPLER(flow.flow_inversion_sampler(record, progress))
+    else:
+        sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
     latent = samples.float()
     noise = torch.zeros_like(latent)
     comfy.samplers.sample(plain, noise, conditioning, conditioning, 1.0, plain.load_device, sampler, sigmas,

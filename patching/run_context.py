@@ -3,8 +3,8 @@
 Built by the OUTER_SAMPLE wrapper (``patching.patch``) when a run starts and freed in its
 ``finally``. Controls read it; none re-derives any of it per call:
 
-- ``layers`` / ``routes``: the model's attention layers (discovered, not hard-coded) and
-  which controls act on which layer;
+- ``family`` / ``layers`` / ``routes``: the model's family adapter (``families``), its
+  attention layers (discovered, not hard-coded) and which controls act on which layer;
 - ``clock``: the run's sigmas and the step of a call's sigma, so every schedule (a
   ``StepWindow`` of fractions) is resolved one way;
 - ``policy``: the image-prompt guidance policy in force (conflict-free by default), and
@@ -25,6 +25,7 @@ import torch
 from ..attention.layers import AttentionLayer
 from ..attention.rows import PROMPT_NEGATIVE, PROMPT_POSITIVE, RowLayout
 from ..attention.step_window import StepWindow
+from ..families.registry import family_of
 from .image_prompt_policy import ImagePromptPolicy, get_policy
 from .layers import discover_layers
 
@@ -88,6 +89,7 @@ class RunContext:
         if policy is None:
             policy = get_policy(model_patcher.model_options.get("transformer_options", {}))
         self.policy = policy
+        self.family = family_of(model_patcher)
         self.layers: tuple[AttentionLayer, ...] = discover_layers(model_patcher)
         self.layers_by_key = {(layer.kind, layer.key): layer for layer in self.layers}
         self.routes: dict[tuple[str, tuple], list] = {}
@@ -95,6 +97,12 @@ class RunContext:
         self._started: list = []
 
     def start(self) -> None:
+        if self.family.uses_override:
+            unready = [c.name for c in self.controls if not c.dit_ready]
+            if unready:
+                raise ValueError(f"QKV Control: expected an SD1.5 / SD2.x / SDXL (UNet) model for {', '.join(unready)}, "
+                                 f"got a {self.family.name} model (these methods do not run on diffusion "
+                                 "transformers yet: see docs/dit.md)")
         for control in self.controls:
             for layer in control.select_layers(self.layers):
                 self.routes.setdefault((layer.kind, layer.key), []).append(control)
