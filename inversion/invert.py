@@ -69,7 +69,7 @@ def inversion_sigmas(model, steps: int, scheduler: str) -> torch.Tensor:
 
 def empty_conditioning(model):
     """Zero text conditioning of the model's widths, used when no prompt is connected."""
-    return family_of(model, "DDIM Inversion").empty_conditioning(model_config_of(model))
+    return family_of(model).empty_conditioning(model_config_of(model))
 
 
 def _hash_tensor(h, tensor) -> None:

@@ -89,7 +89,7 @@ class RunContext:
         if policy is None:
             policy = get_policy(model_patcher.model_options.get("transformer_options", {}))
         self.policy = policy
-        self.family = family_of(model_patcher)
+        self.family = family_of(model_patcher, node="QKV Control")
         self.layers: tuple[AttentionLayer, ...] = discover_layers(model_patcher)
         self.layers_by_key = {(layer.kind, layer.key): layer for layer in self.layers}
         self.routes: dict[tuple[str, tuple], list] = {}
