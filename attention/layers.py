@@ -1,13 +1,14 @@
-"""Attention layers of a UNet as plain descriptors, and block specs resolved against them.
+"""Attention layers of a model as plain descriptors, and block specs resolved against them.
 
 A *block spec* is how users pick layers without knowing a model's block list.
 Items are separated by commas; the selection is the union of the plain items
 minus the items prefixed with ``-``:
 
-    all | input | middle | output     (aliases: down, mid, up)
-    input:4        one block (ComfyUI's block numbers)
+    all | input | middle | output     (aliases: down, mid, up) UNet blocks
+    double | single | joint           diffusion-transformer blocks (Flux: double/single, SD3: joint)
+    input:4        one block (ComfyUI's block numbers; double:0, single:10-37, joint:3 ...)
     output:3-5     a range of blocks
-    input:4.1      one transformer of a block
+    input:4.1      one transformer of a block (joint:N.1: SD3.5's MMDiT-X image self-attention)
     #4-8  or #3    layers by ordinal among layers of that kind, in forward order
     level:0-1      layers by resolution level (0 = the latent's own resolution)
 
@@ -21,13 +22,13 @@ import re
 from dataclasses import dataclass
 
 SECTION_ALIASES = {"input": "input", "down": "input", "middle": "middle", "mid": "middle",
-                   "output": "output", "up": "output"}
+                   "output": "output", "up": "output", "double": "double", "single": "single", "joint": "joint"}
 
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    kind: str                 # "attn1" (self-attention) or "attn2" (cross-attention)
-    block: tuple[str, int]    # ComfyUI block, e.g. ("input", 1)
+    kind: str                 # "attn1" (self- or joint attention) or "attn2" (cross-attention)
+    block: tuple[str, int]    # ComfyUI block, e.g. ("input", 1), ("double", 3), ("joint", 0)
     transformer_index: int    # index in the block's transformer stack
     ordinal: int              # position among layers of this kind, forward order
     level: int                # resolution level: 0 = full latent resolution, 1 = /2, ...
@@ -75,7 +76,8 @@ def _matches(item: str, layer: AttentionLayer) -> bool:
             return False
         return m.group(4) is None or layer.transformer_index == int(m.group(4))
     raise ValueError(
-        f"block spec: expected all, input, middle, output, input:N, input:N-M, input:N.T, #N-M or level:N-M, got '{item}'"
+        f"block spec: expected all, input, middle, output, input:N, input:N-M, input:N.T, #N-M or level:N-M "
+        f"(diffusion transformers: double, single, joint, double:N-M ...), got '{item}'"
     )
 
 
@@ -95,6 +97,9 @@ def select_layers(spec: str, layers: tuple[AttentionLayer, ...] | list[Attention
         if any(_matches(i, layer) for i in include) and not any(_matches(i, layer) for i in exclude)
     )
     if not chosen:
+        if not candidates:
+            raise ValueError(f"block spec '{spec}' selects no {kind} layer; this model has no {kind} layers "
+                             "(a diffusion transformer's attention is joint self-attention: attn1)")
         available = ", ".join(f"{layer.block[0]}:{layer.block[1]}.{layer.transformer_index}" for layer in candidates)
         raise ValueError(f"block spec '{spec}' selects no {kind} layer; this model has: {available}")
     return chosen

@@ -254,9 +254,26 @@ def register_tiny_substitute(core_class: str, substitute: TinySubstitute) -> Non
     TINY_SUBSTITUTES[core_class] = substitute
 
 
+# Diffusion-transformer workflows (issue 14) load the model, the text encoders and the VAE
+# separately: each of these loaders becomes the tiny checkpoint of the workflow's family,
+# its one output taken from the tiny loader's MODEL (0), CLIP (1) or VAE (2) slot.
+DIT_LOADER_SLOTS = {"UNETLoader": 0, "DualCLIPLoader": 1, "TripleCLIPLoader": 1, "VAELoader": 2}
+for _core_class, _slot in DIT_LOADER_SLOTS.items():
+    register_tiny_substitute(_core_class, TinySubstitute(
+        "QKVTinyCheckpointLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}, (_slot,)))
+# Filename (or loader type) tags of the diffusion-transformer families, checked first; "t5xxl"
+# (a T5-XXL text encoder file) is no SDXL hint.
+_DIT_HINTS = (("schnell", "flux_schnell"), ("flux", "flux"), ("sd3", "sd35"), ("sd_3", "sd35"))
+
+
 def family_hint(text: str) -> str | None:
-    """"sdxl" when a model filename says so ("sd_xl_base_1.0", "juggernautXL"), "sd15" for "v1-5"/"sd15"."""
+    """"sdxl" when a model filename says so ("sd_xl_base_1.0", "juggernautXL"), "sd15" for "v1-5"/"sd15";
+    "flux", "flux_schnell" and "sd35" for Flux.1 / SD3.x names ("flux1-dev", DualCLIPLoader type "sd3")."""
     lowered = text.lower()
+    for tag, family in _DIT_HINTS:
+        if tag in lowered:
+            return family
+    lowered = lowered.replace("t5xxl", "")
     if "xl" in lowered:
         return "sdxl"
     if any(tag in lowered for tag in ("v1-5", "v1_5", "sd15", "sd1.5", "sd_1.5")):

@@ -14,7 +14,8 @@ so a branch can ask for the latent at *any* sigma a sampler uses:
   sigma. Its error is that of a DDIM sub-step, O(dsigma^2 * |d eps/d sigma|), and it is
   exact at both ends of the segment. This covers other schedulers, step counts,
   ancestral/SDE samplers (which evaluate the model at intermediate sigmas) and
-  denoise < 1;
+  denoise < 1. For flow models (x = (1 - sigma) * x0 + sigma * eps, ``inversion/flow.py``)
+  the ODE is dx/dsigma = v and the same rule is an Euler sub-step with the segment's velocity;
 - above the top sigma the last segment's epsilon is extrapolated (one DDIM step);
 - below the bottom sigma (the clean level sigma_min of the official convention: a sampler
   may ask for sigmas between it and 0) the first segment's epsilon is extrapolated downwards,

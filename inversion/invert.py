@@ -10,6 +10,8 @@ the official InDetail-IP code inverts with diffusers' ``DDIMScheduler(set_alpha_
 whose first step leaves from ``final_alpha_cumprod = alphas_cumprod[0]``: the VAE latent is
 the latent at ᾱ₀, i.e. at σ₀ = √((1−ᾱ₀)/ᾱ₀) = ``model_sampling.sigma_min`` (0.0292 on SD's
 discrete schedule), and in ComfyUI's x-space it is ``z0·√(1+σ₀²)``. ``zero`` keeps σ = 0.
+Flow-matching models (Flux, SD3: ``model_sampling`` CONST) use the Euler inversion of
+``inversion/flow.py`` from their clean level σ = 0.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
 from ..patching import keys
-from ..patching.model_info import context_dim, model_family
+from ..families.base import model_config_of
+from ..families.registry import family_of
+from ..patching.model_info import model_family
 from ..patching.patch import add_outermost_wrapper, without_controls
+from . import flow
 from .chain import InvertedChain
 from .ddim import ddim_step, eps_from_denoised, inversion_input_scale, vp_scale
 from .result import InversionResult
@@ -54,14 +59,18 @@ _AT_CLEAN_RTOL = 1e-4
 
 
 def prediction_type(model) -> str:
-    """'eps' or 'v' for the model's ``model_sampling``; a ValueError for anything DDIM cannot invert."""
+    """'eps', 'v' or 'flow' for the model's ``model_sampling``; a ValueError for anything the
+    inversion cannot invert."""
     ms = model.get_model_object("model_sampling")
+    if flow.is_flow(ms):
+        return flow.FLOW
     if isinstance(ms, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(ms, comfy.model_sampling.EPS) and not isinstance(ms, comfy.model_sampling.X0):
         return "eps"
     raise ValueError(
-        f"DDIM Inversion: expected an eps- or v-prediction model (SD1.5, SD2.x, SDXL), "
+        f"DDIM Inversion: expected an eps- or v-prediction model (SD1.5, SD2.x, SDXL) or a flow model "
+        f"(Flux, SD3), "
         f"got model_sampling {type(ms).__name__}"
     )
 
@@ -100,14 +109,8 @@ def inversion_sigmas(model, steps: int, scheduler: str, clean_level: str = DEFAU
 
 
 def empty_conditioning(model):
-    """Zero text conditioning of the model's width, used when no prompt is connected."""
-    width = context_dim(model)
-    extra = {}
-    adm = model.model.model_config.unet_config.get("adm_in_channels")
-    if adm:
-        # SDXL-style pooled text (its size: what the model's adm encoder expects minus the size embeddings)
-        extra["pooled_output"] = torch.zeros((1, max(int(adm) - 6 * 256, 1)))
-    return [[torch.zeros((1, 77, width)), extra]]
+    """Zero text conditioning of the model's widths, used when no prompt is connected."""
+    return family_of(model).empty_conditioning(model_config_of(model))
 
 
 def _hash_tensor(h, tensor) -> None:
@@ -285,7 +288,12 @@ def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditionin
     prediction = prediction_type(model)
     if conditioning is None:
         conditioning = empty_conditioning(model)
-    sigmas = inversion_sigmas(model, steps, scheduler, clean_level)
+    if prediction == flow.FLOW:
+        # A flow model's clean latent is its sigma = 0 (x = (1 - sigma) x0 + sigma eps).
+        clean_level = CLEAN_ZERO
+        sigmas = flow.inversion_sigmas(model.get_model_object("model_sampling"), steps, scheduler)
+    else:
+        sigmas = inversion_sigmas(model, steps, scheduler, clean_level)
     key = cache_key(model, samples, sigmas, conditioning, clean_level)
     result = _cached(model, key) if use_cache else None
     from_cache = result is not None
@@ -312,7 +320,10 @@ def _run_inversion(model, samples, sigmas, conditioning, prediction, key, clean_
     add_outermost_wrapper(plain, WrappersMP.APPLY_MODEL, _CAPTURE_KEY, _capture_wrapper(record))
     progress = comfy.utils.ProgressBar(sigmas.shape[0] - 1)
     sigma_data = float(getattr(model.get_model_object("model_sampling"), "sigma_data", 1.0))
-    sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
+    if prediction == flow.FLOW:
+        sampler = comfy.samplers.KSAMPLER(flow.flow_inversion_sampler(record, progress))
+    else:
+        sampler = comfy.samplers.KSAMPLER(_inversion_sampler(record, progress, sigma_data))
     latent = samples.float()
     noise = torch.zeros_like(latent)
     comfy.samplers.sample(plain, noise, conditioning, conditioning, 1.0, plain.load_device, sampler, sigmas,

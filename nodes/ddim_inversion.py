@@ -21,9 +21,10 @@ class QKVDDIMInversion(io.ComfyNode):
             display_name=NAME,
             category="QKV Control/InDetail-IP",
             description="Deterministic DDIM inversion of a VAE-encoded reference image: the latent at every "
-                        "sigma of the schedule (one UNet row per step, no CFG), starting from the clean level "
-                        "alpha_bar_0 as the official code does. Use the same steps and scheduler as the KSampler. "
-                        "Cached by image, model, schedule and prompt: re-queuing does not invert again.",
+                        "sigma of the schedule (one model row per step, no CFG), starting from the clean level "
+                        "alpha_bar_0 as the official code does; flow models (Flux, SD3) are inverted along their "
+                        "Euler ODE from sigma 0. Use the same steps and scheduler as the KSampler. Cached by image, "
+                        "model, schedule and prompt: re-queuing does not invert again.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with (the one you sample with)."),
                 io.Latent.Input("latent", tooltip="The reference image, VAE-encoded (VAE Encode). A batch inverts "
@@ -52,7 +53,9 @@ class QKVDDIMInversion(io.ComfyNode):
             outputs=[
                 Inversion.Output(display_name="inversion", tooltip="The inverted chain (QKV_INVERSION)."),
                 io.Latent.Output(display_name="z_T", tooltip="The most-noised inverted latent. Sampled with "
-                                 "KSamplerAdvanced (add_noise disabled, same steps/scheduler) it reconstructs the reference."),
+                                 "KSamplerAdvanced (add_noise disabled, same steps/scheduler) it reconstructs the "
+                                 "reference on SD1.5/SD2/SDXL. Flow models (Flux, SD3) start at sigma 1 from the "
+                                 "sampler's noise alone, so this latent does not start them there."),
             ],
         )
 

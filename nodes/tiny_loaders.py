@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..tiny.models import FAMILIES, cached_clip_vision, tiny_checkpoint
+from ..tiny.models import cached_clip_vision, checkpoint_families, tiny_checkpoint
 
 
 class QKVTinyCheckpointLoader(io.ComfyNode):
@@ -19,18 +19,22 @@ class QKVTinyCheckpointLoader(io.ComfyNode):
             node_id="QKVTinyCheckpointLoader",
             display_name="QKV Tiny Checkpoint (test)",
             category="QKV Control/testing",
-            description="Builds a tiny random-weight SD1.5- or SDXL-shaped checkpoint with ComfyUI's own "
-                        "model classes. For tests and the demo without model files; images are noise-like.",
+            description="Builds a tiny random-weight checkpoint (SD1.5, SDXL, Flux.1 dev or schnell, SD3.5) "
+                        "with ComfyUI's own model and text-encoder classes. For tests and the demo without model "
+                        "files; images are noise-like.",
             inputs=[
-                io.Combo.Input("family", options=list(FAMILIES), default="sd15",
-                               tooltip="Which real model family's block structure the tiny UNet copies."),
+                io.Combo.Input("family", options=list(checkpoint_families()), default="sd15",
+                               tooltip="Which real model family's block structure the tiny model copies: sd15, "
+                                       "sdxl (UNets), flux (Flux.1 dev: guidance embedding), flux_schnell, sd35 "
+                                       "(MMDiT with q/k norms and one MMDiT-X block)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the random weights; the same seed gives the same model."),
             ],
             outputs=[
-                io.Model.Output(tooltip="The tiny UNet."),
-                io.Clip.Output(tooltip="A tiny CLIP text encoder using ComfyUI's bundled tokenizer."),
-                io.Vae.Output(tooltip="A random-weight TAESD autoencoder."),
+                io.Model.Output(tooltip="The tiny UNet or diffusion transformer."),
+                io.Clip.Output(tooltip="A tiny text encoder of the family's ComfyUI classes (CLIP; Flux.1: CLIP-L + "
+                                       "T5; SD3.5: CLIP-L + CLIP-G) using ComfyUI's bundled tokenizers."),
+                io.Vae.Output(tooltip="A random-weight TAESD autoencoder (4 latent channels; 16 for Flux.1/SD3.5)."),
             ],
         )
 

@@ -1,16 +1,24 @@
-"""Appending extra branch rows (reference, subject, condition streams) to a UNet call.
+"""Appending extra branch rows (reference, subject, condition streams) to a model call.
 
 Everything batched to the model input is extended consistently: latent, sigma,
-cross-attention context, concat conditioning, other per-row conditionings and
-ControlNet residuals (zeros for extra rows, so control never leaks into a
-reference stream; ComfyUI would otherwise skip a residual whose batch does not
-match, with only a warning). ``zero_control_rows`` also zeroes the residuals of
+text context, concat conditioning, other per-row conditionings (SDXL's ``y``; a DiT's
+``y``/pooled text, Flux's ``guidance``, ``attention_mask``, the tensors of a list such as
+Kontext's ``ref_latents``) and ControlNet residuals (zeros for extra rows, so control
+never leaks into a reference stream; ComfyUI would otherwise skip a residual whose batch
+does not match, with only a warning). ``zero_control_rows`` also zeroes the residuals of
 sampler rows a control asks to leave uncontrolled.
+
+Text contexts of different lengths: a UNet's cross-attention is unchanged by repeating its
+keys, so they are repeated to a common length as ComfyUI's ``cond_cat`` does. In a DiT's
+joint attention text tokens are queries and keys next to the image's, so repeating them
+would change every row; they are zero-padded at the end instead (``pad_contexts``) and the
+DiT route masks the padding keys of the padded rows.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -20,12 +28,23 @@ from .control import ExtraRow
 
 
 def cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
-    widths = {c.shape[-1] for c in contexts}
-    if len(widths) != 1:
-        raise ValueError(f"branch rows: expected one context width, got {sorted(widths)} (model family mismatch?)")
+    _check_widths(contexts)
     # Contexts repeated to a common length, as ComfyUI's ``cond_cat`` batches them.
     tokens = math.lcm(*(c.shape[1] for c in contexts))
     return torch.cat([repeat_tokens(c, tokens) for c in contexts])
+
+
+def _check_widths(contexts: list[torch.Tensor]) -> None:
+    widths = {c.shape[-1] for c in contexts}
+    if len(widths) != 1:
+        raise ValueError(f"branch rows: expected one context width, got {sorted(widths)} (model family mismatch?)")
+
+
+def pad_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Contexts zero-padded at the end to the longest (``text_lengths`` gives each row's own)."""
+    _check_widths(contexts)
+    tokens = max(c.shape[1] for c in contexts)
+    return torch.cat([torch.nn.functional.pad(c, (0, 0, 0, tokens - c.shape[1])) for c in contexts])
 
 
 def _template_row(layout: RowLayout) -> int:
@@ -34,14 +53,24 @@ def _template_row(layout: RowLayout) -> int:
     return cond_rows[0] if cond_rows else 0
 
 
+def _per_row(value, batch: int) -> bool:
+    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch
+
+
+def _cat_rows(value: torch.Tensor, owns: list, template: int) -> torch.Tensor:
+    """``value`` with one row per entry of ``owns`` appended: the row's own, else the template row's."""
+    return torch.cat([value] + [own.to(value) if own is not None else value[template:template + 1] for own in owns])
+
+
 def _extend(value, batch: int, extras: list[ExtraRow], name: str, template: int):
-    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != batch:
+    owns = [row.conds.get(name) for row in extras]
+    if isinstance(value, list) and value and all(_per_row(v, batch) for v in value):
+        # a list of per-row tensors (Kontext's ref_latents): each one extended; a row's own is a list too
+        return [_cat_rows(v, [own[i] if own is not None else None for own in owns], template)
+                for i, v in enumerate(value)]
+    if not _per_row(value, batch):
         return value
-    parts = [value]
-    for row in extras:
-        own = row.conds.get(name)
-        parts.append(own.to(value) if own is not None else value[template:template + 1])
-    return torch.cat(parts)
+    return _cat_rows(value, owns, template)
 
 
 def _pad_control(control, extra_count: int):
@@ -81,10 +110,16 @@ def zero_control_rows(control, rows: list[int], batch: int):
 
 
 def append_rows(x, sigma, c_concat, c_crossattn, control, conds: dict, layout: RowLayout,
-                extras: list[tuple[str, ExtraRow]]):
-    """Return the inputs with ``extras`` ((source, row) pairs) appended, and the new layout."""
+                extras: list[tuple[str, ExtraRow]], pad_text: bool = False):
+    """Return the inputs with ``extras`` ((source, row) pairs) appended, and the new layout.
+    ``pad_text`` (diffusion transformers): contexts are zero-padded (``pad_contexts``; the
+    rows' own lengths are ``text_lengths(...)``), not repeated."""
     batch = x.shape[0]
     rows = [row for _, row in extras]
+    if pad_text and conds.get("attention_mask") is not None and c_crossattn is not None \
+            and any(r.context.shape[1] != c_crossattn.shape[1] for r in rows):
+        raise ValueError(f"branch rows: expected extra rows with the sampler rows' {c_crossattn.shape[1]} text tokens "
+                         f"when the model takes an attention mask, got {[r.context.shape[1] for r in rows]}")
     template = _template_row(layout)
     x_ext = torch.cat([x] + [r.x.to(x) for r in rows])
     sigma_ext = torch.cat([sigma] + [
@@ -92,8 +127,18 @@ def append_rows(x, sigma, c_concat, c_crossattn, control, conds: dict, layout: R
     ])
     context_ext = c_crossattn
     if c_crossattn is not None:
-        context_ext = cat_contexts([c_crossattn] + [r.context.to(c_crossattn) for r in rows])
+        contexts = [c_crossattn] + [r.context.to(c_crossattn) for r in rows]
+        context_ext = pad_contexts(contexts) if pad_text else cat_contexts(contexts)
     concat_ext = _extend(c_concat, batch, rows, "c_concat", template)
     conds_ext = {name: _extend(value, batch, rows, name, template) for name, value in conds.items()}
     new_layout = layout.with_extra([Row(r.role, r.item, source, r.image_prompt) for source, r in extras])
     return x_ext, sigma_ext, concat_ext, context_ext, _pad_control(control, len(rows)), conds_ext, new_layout
+
+
+def text_lengths(c_crossattn, extras: list[tuple[str, ExtraRow]]) -> Optional[tuple[int, ...]]:
+    """Each row's own text token count after ``append_rows(..., pad_text=True)``: sampler rows
+    first, then the extras (None when no row was padded)."""
+    if c_crossattn is None or not extras:
+        return None
+    lengths = [c_crossattn.shape[1]] * c_crossattn.shape[0] + [row.context.shape[1] for _, row in extras]
+    return tuple(lengths) if len(set(lengths)) > 1 else None

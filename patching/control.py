@@ -10,6 +10,7 @@ import torch
 
 from ..attention.layers import AttentionLayer
 from ..attention.rows import RowLayout
+from ..families.layout import TokenLayout
 
 _ids = itertools.count()
 
@@ -64,7 +65,11 @@ class ModelCall:
 
 @dataclass
 class AttentionCall:
-    """One attention layer call as a control sees it."""
+    """One attention layer call as a control sees it.
+
+    q/k/v reach ``attend`` as ``[B, N, heads*dim]`` on every model family; on a diffusion
+    transformer N is the joint sequence (text, image and reference tokens: ``tokens`` says
+    which are which), after the model's q/k norms and RoPE."""
 
     layer: AttentionLayer
     layout: RowLayout
@@ -78,6 +83,17 @@ class AttentionCall:
     # True when the control is the layer's only one and no foreign replace patch is
     # installed, so ``plain`` on a row subset equals ``attend_next`` on those rows.
     exclusive: bool = False
+    # The call's token layout; None on UNets, where ``tokens`` derives it (all image tokens).
+    token_layout: Optional[TokenLayout] = None
+
+    @property
+    def tokens(self) -> TokenLayout:
+        """Which tokens of q (and of k/v, for self- and joint attention) are text, which image,
+        and the image grid. UNet self-attention: every token is an image token."""
+        if self.token_layout is not None:
+            return self.token_layout
+        shape = self.extra_options["activations_shape"]
+        return TokenLayout.image_only((int(shape[-2]), int(shape[-1])))
 
     @property
     def heads(self) -> int:
@@ -103,7 +119,8 @@ class AttentionControl:
     accumulates during a run lives in its scratch space, ``run.scratch(self)`` (what
     ``start_run`` returned). ``run`` is the ``patching.run_context.RunContext``.
 
-    Subclasses override what they need:
+    Subclasses override what they need (and set ``dit_ready = True`` once they handle
+    diffusion transformers' token layouts):
       select_layers(layers)          which layers it acts on, resolved per model
       start_run(run)                 set up the run; return the scratch space (a small
                                      dataclass) or None
@@ -127,6 +144,10 @@ class AttentionControl:
     # e.g. after another patch merged tokens (ToMe); False when it needs the layer's token grid
     # (per-token masks, maps). See ``patching.router``.
     handles_token_changes: bool = False
+    # Whether the control works on diffusion transformers: it reads ``call.tokens`` (text and
+    # image tokens of a joint attention) instead of assuming every token is an image token.
+    # A control that does not is refused on a DiT when the run starts, never run there.
+    dit_ready: bool = False
 
     def __init__(self) -> None:
         self.name = f"{type(self).__name__}#{next(_ids)}"

@@ -4,8 +4,9 @@
 - SAMPLER_SAMPLE: lets controls choose where the run starts (``patching.sampler_start``).
 - APPLY_MODEL:    computes the row layout, zeroes the ControlNet residuals of rows
                   the controls leave uncontrolled, appends the controls' extra rows,
-                  installs the routed attention patches, removes the extra rows
-                  from the output.
+                  installs the routed attention (UNet: replace patches,
+                  ``patching.router``; DiT: the attention override,
+                  ``patching.dit_route``), removes the extra rows from the output.
 The model given to a node is never mutated: ``add_control`` works on a clone.
 """
 
@@ -17,9 +18,11 @@ import comfy.model_patcher
 from comfy.patcher_extension import WrappersMP
 
 from ..attention.rows import RowLayout
+from ..families.base import CallGeometry, diffusion_model_of
 from . import keys
-from .branch_rows import append_rows, zero_control_rows
+from .branch_rows import append_rows, text_lengths, zero_control_rows
 from .control import AttentionControl, ModelCall
+from .dit_route import install_dit_route
 from .router import install_routes
 from .run_context import RunContext
 from .sampler_start import sampler_sample_wrapper
@@ -139,12 +142,19 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     call = ModelCall(x, t, layout, c_crossattn, kwargs, run, transformer_options)
     control = _without_control(controls, call, control, batch)
     extras = [(c.name, row) for c in controls for row in c.extra_rows(call)]
+    dit = run.family.uses_override
+    lengths = text_lengths(c_crossattn, extras) if dit else None
     if extras:
         x, t, c_concat, c_crossattn, control, kwargs, layout = append_rows(
-            x, t, c_concat, c_crossattn, control, kwargs, layout, extras)
+            x, t, c_concat, c_crossattn, control, kwargs, layout, extras, pad_text=dit)
     options = transformer_options.copy()
     options[keys.ROWS] = layout
-    options["patches_replace"] = install_routes(transformer_options.get("patches_replace", {}), run, layout)
+    if dit:
+        grid = run.family.image_grid(diffusion_model_of(run.model_patcher), tuple(x.shape[-2:]))
+        geometry = CallGeometry(grid, int(c_crossattn.shape[1]) if c_crossattn is not None else 0)
+        install_dit_route(options, run, layout, geometry, lengths)
+    else:
+        options["patches_replace"] = install_routes(transformer_options.get("patches_replace", {}), run, layout)
     out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
     for offset, (_, row) in enumerate(extras):
         if row.on_output is not None:

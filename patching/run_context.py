@@ -3,8 +3,8 @@
 Built by the OUTER_SAMPLE wrapper (``patching.patch``) when a run starts and freed in its
 ``finally``. Controls read it; none re-derives any of it per call:
 
-- ``layers`` / ``routes``: the model's attention layers (discovered, not hard-coded) and
-  which controls act on which layer;
+- ``family`` / ``layers`` / ``routes``: the model's family adapter (``families``), its
+  attention layers (discovered, not hard-coded) and which controls act on which layer;
 - ``clock``: the run's sigmas and the step of a call's sigma, so every schedule (a
   ``StepWindow`` of fractions) is resolved one way;
 - ``policy``: the image-prompt guidance policy in force (conflict-free when no node set one;
@@ -26,6 +26,7 @@ import torch
 from ..attention.layers import AttentionLayer
 from ..attention.rows import PROMPT_NEGATIVE, PROMPT_POSITIVE, RowLayout
 from ..attention.step_window import StepWindow
+from ..families.registry import family_of
 from . import keys
 from .image_prompt_policy import ImagePromptPolicy, get_policy
 from .layers import discover_layers
@@ -92,6 +93,7 @@ class RunContext:
         self.policy: ImagePromptPolicy = get_policy(transformer_options)
         # Whether an Image Prompt Guidance node chose the policy (else the default above).
         self.policy_set = keys.IMAGE_PROMPT_POLICY in transformer_options
+        self.family = family_of(model_patcher, node="QKV Control")
         self.layers: tuple[AttentionLayer, ...] = discover_layers(model_patcher)
         self.layers_by_key = {(layer.kind, layer.key): layer for layer in self.layers}
         self.routes: dict[tuple[str, tuple], list] = {}
@@ -100,6 +102,12 @@ class RunContext:
         self._warned: set = set()
 
     def start(self) -> None:
+        if self.family.uses_override:
+            unready = [c.name for c in self.controls if not c.dit_ready]
+            if unready:
+                raise ValueError(f"QKV Control: expected an SD1.5 / SD2.x / SDXL (UNet) model for {', '.join(unready)}, "
+                                 f"got a {self.family.name} model (these methods do not run on diffusion "
+                                 "transformers yet: see docs/dit.md)")
         for control in self.controls:
             for layer in control.select_layers(self.layers):
                 self.routes.setdefault((layer.kind, layer.key), []).append(control)

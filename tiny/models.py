@@ -1,4 +1,5 @@
-"""Tiny random-weight SD1.5- and SDXL-shaped models built with ComfyUI's own classes.
+"""Tiny random-weight SD1.5- and SDXL-shaped models built with ComfyUI's own classes
+(the diffusion transformers: ``tiny/dit.py``; ``tiny_checkpoint`` builds both).
 
 No weights can be downloaded where the tests run, so the UNet, text encoder,
 VAE and CLIP vision model are built from ComfyUI's model classes with small
@@ -179,10 +180,24 @@ def _cached_checkpoint(family: str, seed: int):
     return tiny_unet(family, seed), tiny_clip(seed), tiny_vae(seed)
 
 
+def checkpoint_families() -> tuple[str, ...]:
+    """Every family ``tiny_checkpoint`` builds: the UNets, then the diffusion transformers."""
+    from .dit import CHECKPOINT_FAMILIES
+
+    return FAMILIES + CHECKPOINT_FAMILIES
+
+
 def tiny_checkpoint(family: str = "sd15", seed: int = 0, cached: bool = True):
-    """(MODEL, CLIP, VAE) of a tiny ``family`` checkpoint. Cached by default: nodes and
-    tests only ever clone the returned ModelPatcher, never mutate it."""
-    _check_family(family)
+    """(MODEL, CLIP, VAE) of a tiny ``family`` checkpoint (``checkpoint_families()``). Cached by
+    default: nodes and tests only ever clone the returned ModelPatcher, never mutate it."""
+    if family not in FAMILIES and family in checkpoint_families():
+        from . import dit
+
+        if cached:
+            return dit.cached_dit_checkpoint(family, seed)
+        return dit.tiny_dit(family, seed), dit.tiny_dit_clip(family, seed), dit.tiny_dit_vae(seed)
+    if family not in FAMILIES:
+        raise ValueError(f"tiny models: expected family one of {checkpoint_families()}, got '{family}'")
     if cached:
         return _cached_checkpoint(family, seed)
     return tiny_unet(family, seed), tiny_clip(seed), tiny_vae(seed)

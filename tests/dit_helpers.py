@@ -1,0 +1,50 @@
+"""Helpers of the diffusion-transformer tests: tiny models of each family with conditioning,
+and sampling through the core KSampler path."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import nodes as comfy_nodes
+
+from qkv_control.tiny.dit import TEXT_WIDTH, cached_dit_checkpoint, tiny_dit
+from helpers import encode
+
+LATENT_CHANNELS = {"flux": 16, "flux_schnell": 16, "sd35": 16, "chroma": 16, "flux2": 128}
+
+
+@functools.lru_cache(maxsize=None)
+def dit_kit(family: str):
+    """(model, positive, negative) of a tiny ``family``: the tiny text encoders where the family
+    has a checkpoint, else seeded random contexts of the model's text width."""
+    if family in ("flux", "flux_schnell", "sd35"):
+        model, clip, _ = cached_dit_checkpoint(family)
+        return model, encode(clip, "a red fox in the snow"), encode(clip, "")
+    generator = torch.Generator().manual_seed(7)
+    model = tiny_dit(family)
+    positive = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {}]]
+    negative = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {}]]
+    return model, positive, negative
+
+
+def dit_sample(model, positive, negative, family: str, *, steps=3, cfg=3.0, size=16, seed=0,
+               sampler="euler", scheduler="simple"):
+    latent = torch.zeros((1, LATENT_CHANNELS[family], size, size))
+    out = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
+                                      {"samples": latent})
+    return out[0]["samples"]
+
+
+def counting_override(calls: list, previous=None):
+    """Another pack's attention override: records each call's batch size, then runs ``previous``
+    (an override it found installed) or the attention function."""
+
+    def override(func, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return override
