@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkv_control.client import prompt_api
 from qkv_control.client import workflow_format as wf
 from qkv_control.client.server import ComfyServer, comfyui_path, make_base_directory
 
@@ -71,12 +72,12 @@ class TestServer:
 
     def run(self, workflow: dict | Path, tiny: bool = True, timeout: float = 600) -> dict:
         """Run a workflow to completion; returns the /history entry (raises PromptError on failure)."""
-        return wf.run_prompt(self.url, self.api_prompt(workflow, tiny=tiny), timeout=timeout)
+        return prompt_api.run_prompt(self.url, self.api_prompt(workflow, tiny=tiny), timeout=timeout)
 
     def output_paths(self, entry: dict) -> list[Path]:
         """Files a finished prompt wrote into the output directory."""
         return [self.output_directory / f["subfolder"] / f["filename"]
-                for f in wf.output_files(entry) if f["type"] == "output"]
+                for f in prompt_api.output_files(entry) if f["type"] == "output"]
 
 
 def start_test_server(root: Path, timeout: float = 240.0) -> TestServer:

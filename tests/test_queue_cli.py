@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qkv_control.client.queue import Sweep, UsageError, parse_values
+from qkv_control.client.sweep import Sweep, UsageError, parse_values
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "workflows" / "baseline_txt2img.json"
