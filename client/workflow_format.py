@@ -49,7 +49,8 @@ def fetch_object_info(url: str, timeout: float = 60) -> dict:
     return r.json()
 
 
-def _input_spec(info: dict, name: str) -> tuple[Any, dict]:
+def input_spec(info: dict, name: str) -> tuple[Any, dict]:
+    """(type, options) of a node type's input in ``/object_info`` (None, {} when it has none)."""
     for section in ("required", "optional"):
         spec = info.get("input", {}).get(section, {}).get(name)
         if spec is not None:
@@ -89,36 +90,72 @@ def _has_upload_widget(opts: dict) -> bool:
     return any(key.endswith("_upload") and value for key, value in opts.items())
 
 
-def widget_values_by_name(node: dict, info: dict) -> dict[str, Any]:
-    """Map a UI node's ``widgets_values`` onto input names, in the server's input order."""
-    values = node.get("widgets_values")
-    order = _input_order(info)
-    if isinstance(values, dict):
-        return {name: values[name] for name in order if name in values}
-    values = list(values or [])
-    result: dict[str, Any] = {}
+def widget_positions(node: dict, info: dict) -> dict[str, int]:
+    """Where each widget's value sits in a UI node's ``widgets_values`` list, by input name.
+
+    The frontend stores a seed-like widget's ``control_after_generate`` value right after it,
+    and an image-upload combo's upload-button value after that combo."""
+    values = list(node.get("widgets_values") or [])
+    widgets = widget_names(info)
+    positions: dict[str, int] = {}
     pos = 0
-    widgets = [name for name in order if _is_widget(*_input_spec(info, name))]
     for index, name in enumerate(widgets):
-        io_type, opts = _input_spec(info, name)
+        io_type, opts = input_spec(info, name)
         if pos >= len(values):
             break
-        result[name] = values[pos]
+        positions[name] = pos
         pos += 1
         if _has_control_widget(name, io_type, opts) and pos < len(values) \
                 and values[pos] in CONTROL_AFTER_GENERATE_VALUES:
             pos += 1
         if _has_upload_widget(opts) and pos < len(values) and values[pos] in UPLOAD_WIDGET_VALUES:
             following = widgets[index + 1] if index + 1 < len(widgets) else None
-            options = _combo_options(*_input_spec(info, following)) if following else None
+            options = _combo_options(*input_spec(info, following)) if following else None
             if not options or values[pos] not in options:
                 pos += 1
+    return positions
+
+
+_UNSET = object()
+
+
+def widget_default(info: dict, name: str) -> Any:
+    """The value the frontend gives a widget the saved node has no value for (a widget added to
+    the node type after the workflow was saved): the input's default, else 0 / "" / False /
+    the first option."""
+    io_type, opts = input_spec(info, name)
+    options = _combo_options(io_type, opts)
+    if options is not None:
+        return opts.get("default") or (options[0] if options else _UNSET)
+    default = opts.get("default")
+    return {"INT": 0, "FLOAT": 0, "STRING": "", "BOOLEAN": False}.get(io_type, _UNSET) if default is None else default
+
+
+def widget_values_by_name(node: dict, info: dict) -> dict[str, Any]:
+    """A UI node's widget values by input name, in the server's input order: its ``widgets_values``,
+    and the frontend's default for widgets it has no value for."""
+    values = node.get("widgets_values")
+    if isinstance(values, dict):
+        saved = {name: values[name] for name in _input_order(info) if name in values}
+    else:
+        saved = {name: values[pos] for name, pos in widget_positions(node, info).items()}
+    result = {}
+    for name in widget_names(info):
+        value = saved[name] if name in saved else widget_default(info, name)
+        if value is not _UNSET:
+            result[name] = value
     return result
 
 
 def widget_names(info: dict) -> list[str]:
     """A node type's widget inputs, in the server's input order."""
-    return [name for name in _input_order(info) if _is_widget(*_input_spec(info, name))]
+    return [name for name in _input_order(info) if _is_widget(*input_spec(info, name))]
+
+
+def widget_type(info: dict, name: str) -> str:
+    """The slot type the frontend gives a widget input ("INT", "STRING", "COMBO", ...)."""
+    io_type, _opts = input_spec(info, name)
+    return "COMBO" if isinstance(io_type, list) else str(io_type)
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
