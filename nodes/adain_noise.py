@@ -43,9 +43,11 @@ class QKVAdaINNoise(io.ComfyNode):
             node_id="QKVAdaINNoise",
             display_name=NAME,
             category="QKV Control/InDetail-IP",
-            description="Initial noise with the per-channel mean and std of the reference's inverted z_T "
-                        "(InDetail-IP eq. 2), carrying its colour tone. 'latent' starts KSamplerAdvanced with "
+            description="InDetail-IP AdaIN noise: initial noise with the per-channel mean and std of the reference's "
+                        "inverted z_T (eq. 2), carrying its colour tone. 'latent' starts KSamplerAdvanced with "
                         "add_noise disabled; 'noise' feeds SamplerCustomAdvanced.",
+            search_aliases=["adain", "adain noise", "initial noise", "noise from reference", "colour tone",
+                            "color tone", "indetail", "image prompt"],
             inputs=[
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
                 io.Latent.Input("latent", tooltip="The target latent (Empty Latent Image): size and batch."),

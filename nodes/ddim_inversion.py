@@ -20,9 +20,12 @@ class QKVDDIMInversion(io.ComfyNode):
             node_id="QKVDDIMInversion",
             display_name=NAME,
             category="QKV Control/InDetail-IP",
-            description="Deterministic DDIM inversion of a VAE-encoded reference image: the latent at every "
-                        "sigma of the schedule (one UNet row per step, no CFG). Use the same steps and scheduler "
-                        "as the KSampler. Cached by image, model, schedule and prompt: re-queuing does not invert again.",
+            description="DDIM inversion (an unsampler) of a VAE-encoded reference image: the latent at every sigma of "
+                        "the schedule (one UNet row per step, no CFG), for InDetail-IP's reference and MCA-Ctrl's subject "
+                        "and scene streams. Use the same steps and scheduler as the KSampler. Cached by image, model, "
+                        "schedule and prompt: re-queuing does not invert again.",
+            search_aliases=["inversion", "ddim inversion", "unsampler", "invert image", "noise from image",
+                            "reverse sampling", "reference", "indetail", "mca-ctrl"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with (the one you sample with)."),
                 io.Latent.Input("latent", tooltip="The reference image, VAE-encoded (VAE Encode). A batch inverts "

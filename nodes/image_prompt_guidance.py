@@ -26,6 +26,8 @@ class QKVImagePromptGuidance(io.ComfyNode):
                         "CFG branch, so the negative branch does not push away from them. Honoured by every image-"
                         "prompt control of the pack. 'both' is the conflicting baseline; 'negative_image' gives the "
                         "negative branch another image (Suppl. E).",
+            search_aliases=["conflict-free guidance", "cfg", "negative prompt image", "image prompt", "guidance",
+                            "positive only", "indetail"],
             inputs=[
                 io.Model.Input("model", tooltip="The model whose image-prompt controls follow this policy."),
                 io.Combo.Input("policy", options=POLICIES, default=POSITIVE_ONLY,

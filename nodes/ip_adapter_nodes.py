@@ -88,9 +88,10 @@ class QKVIPAdapterLoader(io.ComfyNode):
             node_id="QKVIPAdapterLoader",
             display_name="QKV IP-Adapter Loader",
             category=CATEGORY,
-            description="Loads IP-Adapter weights (sd15, sd15_light, sd15_plus, plus-face, sdxl, sdxl_vit-h, "
-                        "plus_sdxl_vit-h; .safetensors or .bin, read without running pickled code) from "
+            description="Loads IP-Adapter weights for image prompts (sd15, sd15_light, sd15_plus, plus-face, sdxl, "
+                        "sdxl_vit-h, plus_sdxl_vit-h; .safetensors or .bin, read without running pickled code) from "
                         "models/ipadapter.",
+            search_aliases=["ip adapter", "ipadapter", "load ip adapter", "image prompt", "reference"],
             inputs=[
                 io.Combo.Input("ipadapter_file", options=folder_paths.get_filename_list(FOLDER),
                                tooltip="A file in models/ipadapter (or an ipadapter path of extra_model_paths.yaml)."),
@@ -114,9 +115,11 @@ class QKVIPAdapterApply(io.ComfyNode):
             node_id="QKVIPAdapterApply",
             display_name="QKV IP-Adapter Apply",
             category=CATEGORY,
-            description="Adds an image prompt to the model's cross-attention: decoupled (IP-Adapter: text "
-                        "attention + weight x image attention) or joint (DEADiff: one softmax over text and "
-                        "image tokens). Honours the positive-only image-prompt policy.",
+            description="IP-Adapter image prompt in the model's cross-attention: decoupled (IP-Adapter: text attention + "
+                        "weight x image attention) or joint (DEADiff: one softmax over text and image tokens). Honours "
+                        "conflict-free guidance (the positive-only image-prompt policy).",
+            search_aliases=["ip adapter", "ipadapter", "image prompt", "reference", "style transfer",
+                            "decoupled cross-attention", "joint attention", "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned)."),
                 IPAdapterType.Input("ipadapter", tooltip="From QKV IP-Adapter Loader."),
@@ -163,9 +166,11 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
             node_id="QKVIPAdapterStyleContent",
             display_name="QKV IP-Adapter Style and Content (DEADiff)",
             category=CATEGORY,
-            description="DEADiff's disentangled conditioning with an IP-Adapter: the style image goes to the "
-                        "fine, high-resolution cross-attention layers, the content (semantic) image to the "
-                        "coarse ones, so the style image's subject does not leak into the result.",
+            description="DEADiff style transfer: disentangled conditioning with an IP-Adapter; the style image goes to the "
+                        "fine, high-resolution cross-attention layers, the content (semantic) image to the coarse ones, so "
+                        "the style image's subject does not leak into the result.",
+            search_aliases=["deadiff", "style transfer", "style", "content", "style and content", "ip adapter",
+                            "disentangled", "reference", "image prompt"],
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned)."),
                 IPAdapterType.Input("ipadapter", tooltip="From QKV IP-Adapter Loader."),
@@ -225,6 +230,8 @@ class QKVConditionGuidance(io.ComfyNode):
                         "take the keys/values of a preset text condition (replace) or attend to both theirs and "
                         "its (concat), so a wild prompt cannot break the style. The preset's keys/values are "
                         "projected directly in each layer: no extra batch row.",
+            search_aliases=["condition guidance", "e-commerce", "ecommerce", "product", "style consistency",
+                            "kv share", "preset prompt", "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The model (usually after QKV IP-Adapter Apply)."),
                 io.Conditioning.Input("preset", tooltip="The preset text condition (e.g. a style description of "
@@ -270,6 +277,8 @@ class QKVMaskGuidance(io.ComfyNode):
             description="E-commerce mask guidance: the cross-attention map of chosen prompt words, thresholded, "
                         "multiplies their values in the chosen layers, holding the product's composition. "
                         "Also outputs the prompt's conditioning: use it as the positive prompt.",
+            search_aliases=["mask guidance", "e-commerce", "ecommerce", "product", "attention mask", "word mask",
+                            "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 io.Clip.Input("clip", tooltip="The text encoder; its tokenizer locates the words."),
@@ -317,6 +326,8 @@ class QKVAttentionMap(io.ComfyNode):
             description="Samples like KSampler and records the cross-attention maps of chosen prompt words, "
                         "averaged over layers, heads, words and steps: a MASK (e.g. for MCA-Ctrl's target "
                         "mask or ThresholdMask) and a preview IMAGE, to see what mask guidance uses.",
+            search_aliases=["attention map", "cross-attention map", "word mask", "mask from text", "heatmap",
+                            "e-commerce", "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The model (patched or not)."),
                 io.Clip.Input("clip", tooltip="The text encoder; its tokenizer locates the words."),

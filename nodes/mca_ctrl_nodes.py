@@ -93,11 +93,15 @@ class QKVMCACtrlReplace(io.ComfyNode):
             node_id="QKVMCACtrlReplace",
             display_name=REPLACE_NAME,
             category=CATEGORY,
-            description="MCA-Ctrl subject replacement and addition: puts the subject of one image into a scene, "
-                        "in the region of the target mask, keeping the scene's background. The subject and the "
-                        "scene run as inverted streams in the same batch (one row each per step, no CFG) and the "
-                        "generated image starts from the scene's inverted noise. Sample with the same steps and "
-                        "scheduler as the inversions, from a latent of the scene's size.",
+            description="MCA-Ctrl subject replacement and addition: puts the subject of one image into a scene, in the "
+                        "region of the target mask, keeping the scene's background. SAGI (Self-Attention Global Injection) "
+                        "early, then SALQ (Self-Attention Local Query): the subject and the scene run as inverted streams in "
+                        "the same batch (one row each per step, no CFG) and the generated image starts from the scene's "
+                        "inverted noise. Sample with the same steps and scheduler as the inversions, from a latent of the "
+                        "scene's size.",
+            search_aliases=["subject", "replace", "replace subject", "inpaint subject", "subject addition",
+                            "add subject", "insert object", "swap object", "salq", "sagi", "mca-ctrl", "attention",
+                            "reference"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("subject", tooltip="The DDIM-inverted subject image (DDIM Inversion node). "
@@ -143,12 +147,14 @@ class QKVMCACtrlGenerate(io.ComfyNode):
             node_id="QKVMCACtrlGenerate",
             display_name=GENERATE_NAME,
             category=CATEGORY,
-            description="MCA-Ctrl subject generation: generates the condition prompt's scene with the subject of "
-                        "an image in it. A condition stream is generated from the same noise with the condition "
-                        "prompt (one row per image, no CFG) and the inverted subject runs as one row; the target "
-                        "queries the subject's foreground inside the target mask and the condition's background "
-                        "outside. Without a target mask, the mask is the top share of the subject word's "
-                        "cross-attention (official code).",
+            description="MCA-Ctrl subject generation: generates the condition prompt's scene with the subject of an image "
+                        "in it. SAGI (Self-Attention Global Injection) early, then SALQ (Self-Attention Local Query): a "
+                        "condition stream is generated from the same noise with the condition prompt (one row per image, no "
+                        "CFG) and the inverted subject runs as one row; the target queries the subject's foreground inside "
+                        "the target mask and the condition's background outside. Without a target mask, the mask is the top "
+                        "share of the subject word's cross-attention (official code).",
+            search_aliases=["subject", "subject generation", "subject driven", "personalization", "customization",
+                            "salq", "sagi", "mca-ctrl", "attention", "reference"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 io.Clip.Input("clip", tooltip="The text encoder, to encode the condition prompt."),

@@ -21,6 +21,7 @@ class QKVTinyCheckpointLoader(io.ComfyNode):
             category="QKV Control/testing",
             description="Builds a tiny random-weight SD1.5- or SDXL-shaped checkpoint with ComfyUI's own "
                         "model classes. For tests and the demo without model files; images are noise-like.",
+            search_aliases=["tiny", "test", "random checkpoint"],
             inputs=[
                 io.Combo.Input("family", options=list(FAMILIES), default="sd15",
                                tooltip="Which real model family's block structure the tiny UNet copies."),
@@ -48,6 +49,7 @@ class QKVTinyCLIPVisionLoader(io.ComfyNode):
             display_name="QKV Tiny CLIP Vision (test)",
             category="QKV Control/testing",
             description="Builds a tiny random-weight CLIP vision model (ViT, width 64) for tests and the demo.",
+            search_aliases=["tiny", "test", "random clip vision"],
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the random weights; the same seed gives the same model."),
