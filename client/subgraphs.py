@@ -22,6 +22,7 @@ caller (``NodeWidgets``): this module knows the graph, not ``/object_info``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -76,16 +77,49 @@ def parse_links(raw: list | None) -> dict[int, Link]:
 
 
 def subgraph_definitions(workflow: dict) -> dict[str, dict]:
-    """Every subgraph definition of a workflow by id, nested ``definitions`` included."""
+    """Every subgraph definition of a workflow by id, in file order, nested ``definitions`` included."""
     found: dict[str, dict] = {}
     pending = [workflow]
     while pending:
-        holder = pending.pop()
+        holder = pending.pop(0)
         for definition in (holder.get("definitions") or {}).get("subgraphs") or []:
             if definition.get("id") not in found:
                 found[definition["id"]] = definition
                 pending.append(definition)
     return found
+
+
+def deduplicate_node_ids(workflow: dict, definitions: dict[str, dict]) -> dict[str, dict]:
+    """Copies of the definitions with inner node ids that are already taken (by the root graph or an
+    earlier definition) renumbered from the workflow's last node id on, as the frontend does when it
+    loads a workflow. A workflow the frontend saved has none; a hand-made one may."""
+    used = {str(node["id"]) for node in workflow.get("nodes") or []}
+    last = max(workflow.get("last_node_id") or 0, (workflow.get("state") or {}).get("lastNodeId") or 0)
+    result = {}
+    for definition_id, definition in definitions.items():
+        definition = copy.deepcopy(definition)
+        renamed: dict[str, int] = {}
+        for node in definition.get("nodes") or []:
+            key = str(node["id"])
+            if key in used:
+                while str(last + 1) in used:
+                    last += 1
+                last += 1
+                renamed[key] = node["id"] = last
+                used.add(str(last))
+            else:
+                used.add(key)
+                if isinstance(node["id"], int):
+                    last = max(last, node["id"])
+        for link in definition.get("links") or []:
+            if isinstance(link, dict):
+                link["origin_id"] = renamed.get(str(link["origin_id"]), link["origin_id"])
+                link["target_id"] = renamed.get(str(link["target_id"]), link["target_id"])
+            else:
+                link[1] = renamed.get(str(link[1]), link[1])
+                link[3] = renamed.get(str(link[3]), link[3])
+        result[definition_id] = definition
+    return result
 
 
 @dataclass
@@ -164,7 +198,7 @@ class FlatGraph:
 
     def __init__(self, workflow: dict, widgets: NodeWidgets):
         self.widgets = widgets
-        self.definitions = subgraph_definitions(workflow)
+        self.definitions = deduplicate_node_ids(workflow, subgraph_definitions(workflow))
         self.levels = {sid: GraphLevel.of(d, d) for sid, d in self.definitions.items()}
         self.root = GraphLevel.of(workflow)
         for level in [self.root, *self.levels.values()]:
@@ -219,26 +253,28 @@ class FlatGraph:
         dto.instance_inputs, dto.promoted = self._instance_binding(dto.node)
 
     def _instance_binding(self, node: dict, depth: int = 0) -> tuple[list[tuple[dict, int]], dict[int, Any]]:
-        """A subgraph node's inputs matched to its definition's (by name, in the node's order, as the
-        frontend's configure), and the values of its promoted widgets by definition slot: the
-        widget's value saved on the node (``widgets_values``, one per widget input, in input
-        order), else the value of the inner widget it stands for."""
+        """A subgraph node's inputs, one per definition input (matched by name and type, then name,
+        as the frontend's configure), and the values of its promoted widgets by definition slot:
+        the value saved on the node (``widgets_values``: one per widget input, in input order),
+        else the value of the inner widget it stands for."""
         cached = self._bindings.get(id(node))
         if cached is not None:
             return cached
         if depth > 64:
             raise GraphError("workflow: subgraphs nested more than 64 deep")
         level = self.levels[node["type"]]
-        slots = [(index, slot.get("name")) for index, slot in enumerate(level.definition.get("inputs") or [])]
-        if "inputs" in node:
-            instance_inputs, unassigned = [], list(slots)
-            for inp in node["inputs"]:
-                match = next((s for s in unassigned if s[1] == inp.get("name")), None)
-                if match is not None:
-                    unassigned.remove(match)
-                    instance_inputs.append((inp, match[0]))
-        else:
-            instance_inputs = [({"name": name, "link": None}, index) for index, name in slots]
+        # One input per definition slot, in the definition's order (what the frontend rebuilds on
+        # load); its link from the saved input of that name. A saved file leaves out widget
+        # inputs that are not linked.
+        saved_inputs = list(node.get("inputs") or [])
+        taken: set[int] = set()
+        instance_inputs = []
+        for index, slot in enumerate(level.definition.get("inputs") or []):
+            free = [i for i in saved_inputs if id(i) not in taken and i.get("name") == slot.get("name")]
+            match = next((i for i in free if str(i.get("type")) == str(slot.get("type"))), free[0] if free else None)
+            if match is not None:
+                taken.add(id(match))
+            instance_inputs.append((match if match is not None else {"name": slot.get("name"), "link": None}, index))
         saved = node.get("widgets_values")
         promoted: dict[int, Any] = {}
         for _inp, slot in instance_inputs:
@@ -308,7 +344,8 @@ class FlatGraph:
             if outer_link is None:
                 raise GraphError(f"workflow: subgraph node {owner.id} input {outer.get('name')!r} names link "
                                  f"{outer['link']}, which does not exist")
-            return self.resolve_input(owner, outer_link.target_slot, seen)
+            index = next((k for k, i in enumerate(owner.inputs) if i is outer), outer_link.target_slot)
+            return self.resolve_input(owner, index, seen)
         source = self.nodes.get(":".join(dto.path + (str(link.origin_id),)))
         if source is None:
             raise GraphError(f"workflow: link {inp['link']} into node {dto.id} starts at node {link.origin_id}, "
