@@ -254,3 +254,19 @@ def wrap_in_blueprint(workflow: dict, blueprint: dict, object_info: dict) -> dic
                   links=[[i, x.origin_id, x.origin_slot, x.target_id, x.target_slot, x.type] for i, x in table.items()],
                   definitions={"subgraphs": [definition]})
     return result
+
+
+def strip_instance_prefix(prompt: dict, instance_id: str) -> dict:
+    """An API prompt with ``"<instance>:<inner>"`` ids, and links to them, back to ``"<inner>"``:
+    what a workflow wrapped by ``wrap_in_blueprint`` queues, in the ids of the workflow itself."""
+    prefix = f"{instance_id}:"
+
+    def bare(node_id: str) -> str:
+        return node_id[len(prefix):] if node_id.startswith(prefix) else node_id
+
+    result = {}
+    for node_id, node in prompt.items():
+        inputs = {name: [bare(v[0]), v[1]] if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) else v
+                  for name, v in node["inputs"].items()}
+        result[bare(node_id)] = {**node, "inputs": inputs}
+    return result

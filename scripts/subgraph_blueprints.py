@@ -55,7 +55,7 @@ def _sampling(sampler: int, latent: int | None = None, extra_steps=(), steps=50,
 
 SPECS: dict[str, tuple[str, BlueprintSpec]] = {
     "indetail_ip": ("indetail_ip_image_variation.json", BlueprintSpec(
-        name="QKV InDetail-IP Image Prompt",
+        name="QKV Image Prompt (InDetail-IP)",
         description=("InDetail-IP image prompt: new images that keep the reference's fine details (colours, "
                      "textures, patterns). The reference is DDIM-inverted and its K/V reach the decoder "
                      "self-attention through Stratified Attention, then KV concatenation; conflict-free guidance "
@@ -70,9 +70,9 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                     Promotion("steps", ((12, "steps"), (7, "steps")), 50), Promotion("cfg", ((12, "cfg"),), 7.5),
                     Promotion("width", ((10, "width"),), 512), Promotion("height", ((10, "height"),), 512)))),
     "mca_generation": ("mca_ctrl_subject_generation.json", BlueprintSpec(
-        name="QKV MCA-Ctrl Subject Generation",
+        name="QKV Subject Generation (MCA-Ctrl)",
         description=("MCA-Ctrl subject generation: a scene from text with the subject of an image in it. SAGI "
-                     "(subject-aware global injection) early, SALQ (subject-aware local query) after; the target "
+                     "(Self-Attention Global Injection) early, SALQ (Self-Attention Local Query) after; the target "
                      "mask comes from the subject word's cross-attention. Subject image and mask in; the subject "
                      "is DDIM-inverted inside."),
         category=CATEGORY, inner=(2, 3, 5, 6, 8, 9, 10, 11),
@@ -82,10 +82,11 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                     Promotion("subject_word", ((8, "subject_word"),)),
                     *_sampling(10, 9, extra_steps=((6, "steps"),))))),
     "mca_replacement": ("mca_ctrl_subject_replacement.json", BlueprintSpec(
-        name="QKV MCA-Ctrl Subject Replacement",
+        name="QKV Subject Replacement (MCA-Ctrl)",
         description=("MCA-Ctrl subject replacement: replaces a region of a scene (target mask) with the subject "
-                     "of another image (subject mask), keeping the scene's background. SAGI early, SALQ after; "
-                     "subject and scene are DDIM-inverted inside. Masks from Load Image (as Mask) or from text "
+                     "of another image (subject mask), keeping the scene's background. SAGI (Self-Attention "
+                     "Global Injection) early, SALQ (Self-Attention Local Query) after; subject and scene are "
+                     "DDIM-inverted inside. Masks from Load Image (as Mask) or from text "
                      "(QKV Text to Mask)."),
         category=CATEGORY, inner=(2, 3, 5, 6, 8, 9, 12, 13, 14),
         inputs={**MODEL_CLIP_VAE, (4, 0): "subject_image", (10, 0): "subject_mask", (7, 0): "scene_image",
@@ -94,10 +95,10 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                     Promotion("target_dilation", ((12, "target_dilation"),)),
                     *_sampling(13, extra_steps=((6, "steps"), (9, "steps")))))),
     "mca_addition": ("mca_ctrl_subject_addition.json", BlueprintSpec(
-        name="QKV MCA-Ctrl Subject Addition",
+        name="QKV Subject Addition (MCA-Ctrl)",
         description=("MCA-Ctrl subject addition: adds the subject of an image into an empty region of a scene "
-                     "(target mask), keeping everything else. SAGI early, SALQ after; subject and scene are "
-                     "DDIM-inverted inside."),
+                     "(target mask), keeping everything else. SAGI (Self-Attention Global Injection) early, SALQ "
+                     "(Self-Attention Local Query) after; subject and scene are DDIM-inverted inside."),
         category=CATEGORY, inner=(2, 3, 5, 6, 8, 9, 12, 13, 14),
         inputs={**MODEL_CLIP_VAE, (4, 0): "subject_image", (10, 0): "subject_mask", (7, 0): "scene_image",
                 (11, 0): "target_mask"}, outputs={(14, 0): "IMAGE"},
@@ -105,7 +106,7 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                     Promotion("target_dilation", ((12, "target_dilation"),)),
                     *_sampling(13, extra_steps=((6, "steps"), (9, "steps")))))),
     "deadiff": ("ipadapter_deadiff_style_content.json", BlueprintSpec(
-        name="QKV DEADiff Style and Content",
+        name="QKV Style and Content (DEADiff)",
         description=("DEADiff style transfer with an IP-Adapter: the style image drives the fine cross-attention "
                      "layers, the (optional) content image the coarse ones, so the style image's subject does not "
                      "leak. Loads the IP-Adapter and CLIP vision files inside."),
@@ -118,7 +119,7 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                     Promotion("clip_vision_file", ((2, "clip_name"),)),
                     *_sampling(10, 9, steps=30, cfg=6.0)))),
     "ecommerce": ("ipadapter_ecommerce_style_consistent.json", BlueprintSpec(
-        name="QKV E-commerce Product Style",
+        name="QKV Product Style (e-commerce)",
         description=("E-commerce style-consistent product images: an IP-Adapter image prompt plus condition "
                      "guidance (the prompt shares the preset condition's cross-attention K/V) and mask guidance "
                      "(the product words' thresholded cross-attention map multiplied into V). The second output "

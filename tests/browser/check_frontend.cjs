@@ -5,6 +5,9 @@
 //   node check_frontend.cjs CONFIG.json
 //
 // CONFIG: {url, pack, extension, nodes: [{name, display_name, description}], workflows: [name],
+//          blueprints: [{name, sources: {id: {type, widgets}}, links: [[source, slot, input]], widgets: {name: value},
+//                        output, prefix, screenshot}],
+//          graphs: [{name, workflow}], searches: [{query, expect}], error_check: {workflow, node, widget, value},
 //          screenshot_dir, result_path, chromium, user_data_dir}
 "use strict";
 
@@ -17,6 +20,9 @@ const CHROMIUM_ARGS = [
   "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
 ];
 const VIEWPORT = { width: 1920, height: 1200 };
+// The frontend checks model files and media after a graph loads, asynchronously: wait this long
+// before reading its error outlines (the outline self-check proves it is long enough).
+const ERROR_SCAN_MS = 1500;
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const packPrefix = `/extensions/${config.pack}/`;
@@ -29,6 +35,9 @@ const result = {
   search: {},
   styles: {},
   workflows: {},
+  blueprints: {},
+  graphs: {},
+  alias_searches: [],
   screenshots: [],
   timings: {},
   fatal: null,
@@ -109,19 +118,23 @@ async function openSearchBox(page) {
   return false;
 }
 
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+// The result row of the node called `wanted` (a row starts with the node's display name; a
+// blueprint whose name contains it is another row).
 async function searchFor(page, query, wanted, timeout) {
   if (!(await openSearchBox(page))) return null;
   await page.keyboard.type(query, { delay: 5 });
   const items = page.getByTestId("result-item");
   try {
-    await items.filter({ hasText: wanted }).first().waitFor({ timeout });
+    await items.filter({ hasText: new RegExp(`^\\s*${escapeRegExp(wanted)}`) }).first().waitFor({ timeout });
   } catch {
     await page.keyboard.press("Escape");
     return null;
   }
   const texts = (await items.allInnerTexts()).map(squash);
   await page.keyboard.press("Escape");
-  return texts.find((text) => text.includes(wanted)) ?? null;
+  return texts.find((text) => text.startsWith(wanted)) ?? null;
 }
 
 async function checkSearch(page, node) {
@@ -167,6 +180,44 @@ async function fitView(page) {
     return window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
   }).catch(() => {});
   await page.waitForTimeout(600);
+}
+
+// Nodes the canvas outlines in red (missing model, missing media, node errors), subgraphs included.
+async function errorOutlines(page) {
+  return page.evaluate(() => {
+    const found = [];
+    const walk = (graph, path) => {
+      for (const node of graph.nodes ?? []) {
+        const id = [...path, node.id].join(":");
+        if (node.has_errors) found.push({ id, type: node.type, title: node.title });
+        if (node.subgraph) walk(node.subgraph, [...path, node.id]);
+      }
+    };
+    walk(window.app.graph, []);
+    return found;
+  });
+}
+
+async function missingTypes(page) {
+  return page.evaluate(() => {
+    const missing = [];
+    const walk = (graph) => {
+      for (const node of graph.nodes ?? []) {
+        if (!node.subgraph && !window.LiteGraph.registered_node_types[node.type]) missing.push(node.type);
+        if (node.subgraph) walk(node.subgraph);
+      }
+    };
+    walk(window.app.graph);
+    return missing;
+  });
+}
+
+// What the frontend would queue and what it would save (Export), for the CLI to be compared with.
+async function capturePrompt(page) {
+  return page.evaluate(async () => {
+    const { workflow, output } = await window.app.graphToPrompt();
+    return { workflow, prompt: output };
+  });
 }
 
 async function openTemplate(page, name) {
@@ -215,8 +266,130 @@ async function checkWorkflow(page, name) {
     if (/missing node/i.test(entry.error_overlay)) entry.missing_toast = entry.error_overlay;
     await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
   }
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  entry.error_outlines = await errorOutlines(page);
+  Object.assign(entry, await capturePrompt(page));
   await fitView(page);
   await screenshot(page, `workflow_${name}`);
+  return entry;
+}
+
+// Proves the error-outline check can fail: a workflow naming a model file the server does not
+// have must show the outline on that loader.
+async function checkErrorOutlineDetection(page, check) {
+  const workflow = JSON.parse(JSON.stringify(check.workflow));
+  const node = workflow.nodes.find((n) => n.id === check.node);
+  node.widgets_values[0] = check.value;
+  await page.evaluate((wf) => window.app.loadGraphData(wf), workflow);
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  const overlay = page.getByTestId("error-overlay");
+  if (await overlay.count()) await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
+  return { error_outlines: await errorOutlines(page), node: check.node };
+}
+
+async function checkGraph(page, graph) {
+  await page.evaluate((wf) => window.app.loadGraphData(wf), graph.workflow);
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  const entry = { missing_types: await missingTypes(page), error_outlines: await errorOutlines(page) };
+  const overlay = page.getByTestId("error-overlay");
+  if (await overlay.count()) await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
+  return Object.assign(entry, await capturePrompt(page));
+}
+
+async function openNodeLibrary(page) {
+  const tree = page.getByRole("treeitem");
+  if (!(await page.getByText("Comfy Blueprints", { exact: true }).count())) {
+    await page.locator(".side-tool-bar-container").getByText("Nodes", { exact: true }).click();
+    await page.getByText("Comfy Blueprints", { exact: true }).waitFor({ timeout: 20000 });
+  }
+  return tree;
+}
+
+async function closeNodeLibrary(page) {
+  if (await page.getByText("Comfy Blueprints", { exact: true }).count()) {
+    await page.locator(".side-tool-bar-container").getByText("Nodes", { exact: true }).click();
+    await page.waitForTimeout(300);
+  }
+}
+
+// The blueprint from the node library (Subgraph Blueprints > Comfy Blueprints > the pack's
+// category), dragged onto the canvas as a user does, wired to loaders and a SaveImage, run-ready.
+async function checkBlueprint(page, blueprint) {
+  const entry = { in_library: false, dropped: false, missing_types: [], error_outlines: [] };
+  await closeDialogs(page);
+  await page.evaluate(() => window.app.graph.clear());
+  await openNodeLibrary(page);
+  const item = page.getByRole("treeitem").filter({ hasText: blueprint.name }).first();
+  if (!(await item.count())) {
+    const blueprints = page.getByRole("treeitem").filter({ hasText: "Comfy Blueprints" }).first();
+    if ((await blueprints.getAttribute("aria-expanded")) !== "true") await blueprints.click();
+    const folder = page.getByRole("treeitem").filter({ hasText: blueprint.category }).first();
+    await folder.waitFor({ timeout: 10000 });
+    if ((await folder.getAttribute("aria-expanded")) !== "true") await folder.click();
+  }
+  try {
+    await item.waitFor({ timeout: 10000 });
+  } catch {
+    entry.library_items = (await page.getByRole("treeitem").allInnerTexts()).map(squash).slice(0, 60);
+    return entry;
+  }
+  entry.in_library = true;
+  entry.library_path = await item.evaluate((el) => {
+    const level = Number(el.getAttribute("aria-level"));
+    const path = [];
+    for (let e = el.previousElementSibling, want = level - 1; e && want > 0; e = e.previousElementSibling) {
+      if (Number(e.getAttribute("aria-level")) === want) { path.unshift(e.innerText.trim()); want--; }
+    }
+    return path;
+  });
+  await item.dragTo(page.locator("#graph-canvas"), { targetPosition: { x: 1100, y: 500 } });
+  await page.waitForTimeout(1000);
+  const wired = await page.evaluate((bp) => {
+    const graph = window.app.graph;
+    const node = graph.nodes.find((n) => n.subgraph && n.title === bp.name);
+    if (!node) return { dropped: false, types: graph.nodes.map((n) => n.type) };
+    const sources = {};
+    let y = 0;
+    for (const [id, spec] of Object.entries(bp.sources)) {
+      const source = window.LiteGraph.createNode(spec.type);
+      graph.add(source);
+      for (const [name, value] of Object.entries(spec.widgets)) {
+        const widget = source.widgets?.find((w) => w.name === name);
+        if (widget) widget.value = value;
+      }
+      source.pos = [node.pos[0] - source.size[0] - 120, node.pos[1] + y];
+      y += source.size[1] + 60;
+      sources[id] = source;
+    }
+    const unwired = [];
+    for (const [id, slot, input] of bp.links) {
+      const index = node.inputs.findIndex((i) => i.name === input);
+      if (index < 0) unwired.push(input);
+      else sources[id].connect(slot, node, index);
+    }
+    const unset = [];
+    for (const [name, value] of Object.entries(bp.widgets)) {
+      const widget = node.widgets?.find((w) => w.name === name);
+      if (widget) widget.value = value;
+      else unset.push(name);
+    }
+    const save = window.LiteGraph.createNode("SaveImage");
+    graph.add(save);
+    save.widgets.find((w) => w.name === "filename_prefix").value = bp.prefix;
+    save.pos = [node.pos[0] + node.size[0] + 120, node.pos[1]];
+    node.connect(node.outputs.findIndex((o) => o.name === bp.output), save, 0);
+    graph.setDirtyCanvas(true, true);
+    return { dropped: true, unwired, unset, title: node.title, widgets: (node.widgets ?? []).map((w) => w.name) };
+  }, blueprint);
+  Object.assign(entry, wired);
+  if (!entry.dropped) return entry;
+  await closeNodeLibrary(page);
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  entry.missing_types = await missingTypes(page);
+  entry.error_outlines = await errorOutlines(page);
+  Object.assign(entry, await capturePrompt(page));
+  await fitView(page);
+  if (blueprint.screenshot) await screenshot(page, blueprint.screenshot);
   return entry;
 }
 
@@ -304,11 +477,32 @@ async function main() {
       await screenshot(page, "pack_nodes");
     });
 
+    await timed("alias_searches", async () => {
+      for (const search of config.searches ?? []) {
+        const match = await searchFor(page, search.query, search.expect, 10000);
+        result.alias_searches.push({ ...search, found: match !== null, result_text: match ?? "" });
+      }
+    });
+
     await timed("workflows", async () => {
-      for (const name of config.workflows) result.workflows[name] = await checkWorkflow(page, name);
+      for (const name of config.workflows) {
+        const start = Date.now();
+        result.workflows[name] = await checkWorkflow(page, name);
+        result.workflows[name].seconds = (Date.now() - start) / 1000;
+      }
       if (config.workflows.length) {
         result.missing_node_self_check = await checkMissingNodeDetection(page, config.workflows[0]);
       }
+      if (config.error_check) result.error_outline_self_check = await checkErrorOutlineDetection(page, config.error_check);
+    });
+
+    await timed("blueprints", async () => {
+      for (const blueprint of config.blueprints ?? []) result.blueprints[blueprint.name] = await checkBlueprint(page, blueprint);
+      await closeNodeLibrary(page);
+    });
+
+    await timed("graphs", async () => {
+      for (const graph of config.graphs ?? []) result.graphs[graph.name] = await checkGraph(page, graph);
     });
   } catch (error) {
     result.fatal = String(error.stack ?? error).slice(0, 4000);
