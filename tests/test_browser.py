@@ -127,7 +127,8 @@ def blueprint_drop(path: Path, object_info: dict) -> dict:
             continue
         _id, origin, slot, *_ = links[inp["link"]]
         node = nodes[origin]
-        sources[str(origin)] = {"type": node["type"], "widgets": wf.widget_values_by_name(node, object_info[node["type"]])}
+        sources[str(origin)] = {"type": node["type"], "title": node.get("title") or "",
+                                "widgets": wf.widget_values_by_name(node, object_info[node["type"]])}
         wiring.append([str(origin), slot, inp["name"]])
     promoted = [i["name"] for i in instance["inputs"] if "widget" in i]
     widgets = dict(zip(promoted, instance["widgets_values"]))

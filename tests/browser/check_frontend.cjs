@@ -5,7 +5,7 @@
 //   node check_frontend.cjs CONFIG.json
 //
 // CONFIG: {url, pack, extension, nodes: [{name, display_name, description}], workflows: [name],
-//          blueprints: [{name, sources: {id: {type, widgets}}, links: [[source, slot, input]], widgets: {name: value},
+//          blueprints: [{name, category, sources: {id: {type, title, widgets}}, links: [[source, slot, input]], widgets: {name: value},
 //                        output, prefix, screenshot}],
 //          graphs: [{name, workflow}], searches: [{query, expect}], error_check: {workflow, node, widget, value},
 //          screenshot_dir, result_path, chromium, user_data_dir}
@@ -90,7 +90,7 @@ async function screenshot(page, name) {
 }
 
 async function closeDialogs(page) {
-  for (let i = 0; i < 3 && (await page.locator(".p-dialog").count()); i++) {
+  for (let i = 0; i < 3 && (await page.locator(".p-dialog, [data-testid=dialog-overlay]").count()); i++) {
     await page.keyboard.press("Escape");
     await page.waitForTimeout(200);
   }
@@ -176,6 +176,7 @@ async function checkStyle(page, node) {
 
 async function fitView(page) {
   await page.evaluate(() => {
+    if (!window.app.graph.nodes.length) return;  // the frontend answers an empty canvas with an error toast
     window.app.canvas.deselectAll?.();
     return window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
   }).catch(() => {});
@@ -297,12 +298,11 @@ async function checkGraph(page, graph) {
 }
 
 async function openNodeLibrary(page) {
-  const tree = page.getByRole("treeitem");
+  await closeDialogs(page);
   if (!(await page.getByText("Comfy Blueprints", { exact: true }).count())) {
     await page.locator(".side-tool-bar-container").getByText("Nodes", { exact: true }).click();
     await page.getByText("Comfy Blueprints", { exact: true }).waitFor({ timeout: 20000 });
   }
-  return tree;
 }
 
 async function closeNodeLibrary(page) {
@@ -317,7 +317,9 @@ async function closeNodeLibrary(page) {
 async function checkBlueprint(page, blueprint) {
   const entry = { in_library: false, dropped: false, missing_types: [], error_outlines: [] };
   await closeDialogs(page);
-  await page.evaluate(() => window.app.graph.clear());
+  // A new empty graph (not graph.clear(), which keeps the image previews of the old node ids).
+  await page.evaluate(() => window.app.loadGraphData(
+    { last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4 }));
   await openNodeLibrary(page);
   const item = page.getByRole("treeitem").filter({ hasText: blueprint.name }).first();
   if (!(await item.count())) {
@@ -349,16 +351,14 @@ async function checkBlueprint(page, blueprint) {
     const node = graph.nodes.find((n) => n.subgraph && n.title === bp.name);
     if (!node) return { dropped: false, types: graph.nodes.map((n) => n.type) };
     const sources = {};
-    let y = 0;
     for (const [id, spec] of Object.entries(bp.sources)) {
       const source = window.LiteGraph.createNode(spec.type);
+      if (spec.title) source.title = spec.title;
       graph.add(source);
       for (const [name, value] of Object.entries(spec.widgets)) {
         const widget = source.widgets?.find((w) => w.name === name);
         if (widget) widget.value = value;
       }
-      source.pos = [node.pos[0] - source.size[0] - 120, node.pos[1] + y];
-      y += source.size[1] + 60;
       sources[id] = source;
     }
     const unwired = [];
@@ -367,29 +367,60 @@ async function checkBlueprint(page, blueprint) {
       if (index < 0) unwired.push(input);
       else sources[id].connect(slot, node, index);
     }
+    const save = window.LiteGraph.createNode("SaveImage");
+    graph.add(save);
+    save.widgets.find((w) => w.name === "filename_prefix").value = bp.prefix;
+    node.connect(node.outputs.findIndex((o) => o.name === bp.output), save, 0);
+    return { dropped: true, unwired, title: node.title, widgets: (node.widgets ?? []).map((w) => w.name) };
+  }, blueprint);
+  Object.assign(entry, wired);
+  if (!entry.dropped) return entry;
+  await closeNodeLibrary(page);
+  await page.waitForTimeout(ERROR_SCAN_MS);  // image previews load and resize their nodes
+  // Loaders in columns left of the subgraph node (nearest column first), the SaveImage right of
+  // it: the screenshot shows the blueprint with its own defaults, as a user sees it after dropping it.
+  await page.evaluate((name) => {
+    const graph = window.app.graph;
+    const node = graph.nodes.find((n) => n.subgraph && n.title === name);
+    const columns = [[]];
+    let height = 0;
+    for (const other of graph.nodes) {
+      if (other === node) continue;
+      if (other.type === "SaveImage") { other.pos = [node.pos[0] + node.size[0] + 120, node.pos[1]]; continue; }
+      // Image loaders grow when their preview arrives: leave room for it.
+      if (other.widgets?.some((w) => w.name === "image")) other.setSize([Math.max(other.size[0], 320), Math.max(other.size[1], 400)]);
+      if (height > 0 && height + other.size[1] > 900) { columns.push([]); height = 0; }
+      columns.at(-1).push(other);
+      height += other.size[1] + 70;
+    }
+    let right = node.pos[0] - 120;
+    for (const column of columns) {
+      const width = Math.max(...column.map((n) => n.size[0]));
+      let y = node.pos[1];
+      for (const other of column) {
+        other.pos = [right - width, y];
+        y += other.size[1] + 70;
+      }
+      right -= width + 80;
+    }
+    graph.setDirtyCanvas(true, true);
+  }, blueprint.name);
+  await page.waitForTimeout(500);  // a frame, so the moved nodes' bounds are current for the fit
+  await fitView(page);
+  if (blueprint.screenshot) await screenshot(page, blueprint.screenshot);
+  entry.unset = await page.evaluate((bp) => {
+    const node = window.app.graph.nodes.find((n) => n.subgraph && n.title === bp.name);
     const unset = [];
     for (const [name, value] of Object.entries(bp.widgets)) {
       const widget = node.widgets?.find((w) => w.name === name);
       if (widget) widget.value = value;
       else unset.push(name);
     }
-    const save = window.LiteGraph.createNode("SaveImage");
-    graph.add(save);
-    save.widgets.find((w) => w.name === "filename_prefix").value = bp.prefix;
-    save.pos = [node.pos[0] + node.size[0] + 120, node.pos[1]];
-    node.connect(node.outputs.findIndex((o) => o.name === bp.output), save, 0);
-    graph.setDirtyCanvas(true, true);
-    return { dropped: true, unwired, unset, title: node.title, widgets: (node.widgets ?? []).map((w) => w.name) };
+    return unset;
   }, blueprint);
-  Object.assign(entry, wired);
-  if (!entry.dropped) return entry;
-  await closeNodeLibrary(page);
-  await page.waitForTimeout(ERROR_SCAN_MS);
   entry.missing_types = await missingTypes(page);
   entry.error_outlines = await errorOutlines(page);
   Object.assign(entry, await capturePrompt(page));
-  await fitView(page);
-  if (blueprint.screenshot) await screenshot(page, blueprint.screenshot);
   return entry;
 }
 
