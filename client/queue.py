@@ -9,15 +9,18 @@ Run from the pack's folder (the repo root, or ComfyUI/custom_nodes/qkv_control):
         --server http://127.0.0.1:8188 --server http://10.0.0.2:8188
 
 ``WORKFLOW`` is UI format (as saved by the frontend, subgraphs included) or API format.
-``--set NODE.INPUT=VALUES`` picks a node by id, title or class type (when unique; a node inside
-a subgraph by its id ``SUBGRAPH_NODE:INNER_NODE`` or its title); VALUES is ``A..B`` or ``A..B:STEP``
-(integers, inclusive), a JSON list, ``@file.txt`` (one value per line) or a single value.
+``--set NODE.INPUT=VALUES`` picks a node by id, title or class type (when unique); a subgraph
+node's widget by the subgraph node's id or title (``"QKV Image Prompt (InDetail-IP).steps"``: every
+inner input the widget feeds), a node inside a subgraph by its id ``SUBGRAPH_NODE:INNER_NODE`` or
+its title. VALUES is ``A..B`` or ``A..B:STEP`` (integers, inclusive), a JSON list, ``@file.txt``
+(one value per line) or a single value.
 ``--images NODE.INPUT=FOLDER`` sweeps over the images in a folder (uploaded through
 ``/upload/image``). Every combination of the sweeps is one item (``--zip`` pairs them
 instead). Items are spread over the servers, progress follows the websocket, outputs are
 downloaded through ``/view`` into ``--out`` (in their own subfolder, never over an existing
-file), and ``--out``/manifest.json maps each item's parameters to its files. Running the same command again resumes: finished items are
-skipped, items a server was still running are collected without queueing them again.
+file), and ``--out``/manifest.json maps each item's parameters to its files. Running the same
+command again resumes: finished items are skipped, items a server was still running are
+collected without queueing them again.
 Exit status: 0 all items done, 1 some failed (summary printed), 2 bad arguments,
 130 interrupted (run again to resume).
 """
@@ -72,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             object_info = wf.fetch_object_info(servers[0])
         except requests.RequestException as exc:
             raise UsageError(f"cannot reach ComfyUI at {servers[0]}: {exc}") from exc
-        prompt = wf.ui_to_api(workflow, object_info)
+        expansion = wf.expand_workflow(workflow, object_info)
+        prompt = expansion.prompt
         if args.tiny:
             prompt, _ = wf.apply_tiny_substitutions(prompt, object_info)
-        sweep = build_sweep(prompt, args.sets, args.images, object_info)
+        sweep = build_sweep(prompt, args.sets, args.images, object_info, promoted=expansion.promoted)
         all_params = sweep.items(zipped=args.zip)
         args.out.mkdir(parents=True, exist_ok=True)
         sha = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()

@@ -204,6 +204,8 @@ class FlatGraph:
         for level in [self.root, *self.levels.values()]:
             self._apply_primitives(level)
         self._bindings: dict[int, tuple[list[tuple[dict, int]], dict[int, Any]]] = {}
+        # (subgraph node id, promoted widget) -> the (node id, input) of the prompt that take its value
+        self.promoted_targets: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self.nodes: dict[str, ExecutableNode] = {}
         for node_id, node in self.root.nodes.items():
             dto = self._add(node, self.root, ())
@@ -317,7 +319,8 @@ class FlatGraph:
         return values
 
     def resolve_input(self, dto: ExecutableNode, slot: int, seen: set, wanted_type: Any = None):
-        """``("link", exec_id, slot)``, ``("value", v)`` or None for input ``slot`` of ``dto``."""
+        """``("link", exec_id, slot)``, ``("value", v, promoted_by)`` or None for input ``slot`` of
+        ``dto``; ``promoted_by`` is (subgraph node id, widget name) when the value is a promoted widget's."""
         key = (id(dto.level), dto.id, "I", slot)
         if key in seen:
             raise GraphError(f"workflow: circular link at input {slot} of node {dto.id}")
@@ -338,7 +341,7 @@ class FlatGraph:
             outer, definition_slot = owner.instance_inputs[link.origin_slot]
             if outer.get("link") is None:
                 if definition_slot in owner.promoted:
-                    return ("value", owner.promoted[definition_slot])
+                    return ("value", owner.promoted[definition_slot], (owner.id, outer.get("name")))
                 return None
             outer_link = owner.level.links.get(outer["link"])
             if outer_link is None:
@@ -405,7 +408,9 @@ class FlatGraph:
                 and dto.mode not in SKIPPED_MODES]
 
     def prompt_inputs(self, dto: ExecutableNode) -> dict[str, Any]:
-        """The API-format inputs of one executed node: widget values, then resolved links."""
+        """The API-format inputs of one executed node: widget values, then resolved links.
+
+        Inputs that take a subgraph node's promoted widget are recorded in ``promoted_targets``."""
         inputs = {name: api_value(value) for name, value in self.widget_values(dto).items()}
         for index, inp in enumerate(dto.inputs):
             source = self.resolve_input(dto, index, set())
@@ -413,9 +418,15 @@ class FlatGraph:
                 continue
             if source[0] == "value":
                 inputs[inp["name"]] = api_value(source[1])
+                if source[2] is not None:
+                    self.promoted_targets.setdefault(source[2], []).append((dto.id, inp["name"]))
             else:
                 inputs[inp["name"]] = [source[1], source[2]]
         return inputs
+
+    def subgraph_title(self, node_id: str) -> str:
+        dto = self.nodes[node_id]
+        return dto.node.get("title") or (dto.inner.definition or {}).get("name") or dto.node["type"]
 
 
 def api_value(value: Any) -> Any:

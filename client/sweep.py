@@ -84,15 +84,24 @@ def find_node(prompt: dict, ref: str) -> str:
     raise UsageError(f"no node {ref!r} in the workflow; nodes: {', '.join(names)}")
 
 
+@dataclass(frozen=True)
+class Axis:
+    """One swept parameter: the prompt inputs (node id, input name) it sets, and its values."""
+
+    targets: tuple[tuple[str, str], ...]
+    values: list
+    is_image: bool = False
+
+
 @dataclass
 class Sweep:
-    """Parameter name ("Title.input") -> (node id, input name, values, is_image)."""
+    """Parameter name ("Title.input") -> Axis."""
 
-    axes: dict[str, tuple[str, str, list, bool]] = field(default_factory=dict)
+    axes: dict[str, Axis] = field(default_factory=dict)
 
     def items(self, zipped: bool = False) -> list[dict[str, Any]]:
         names = list(self.axes)
-        columns = [self.axes[n][2] for n in names]
+        columns = [self.axes[n].values for n in names]
         if zipped:
             lengths = {len(c) for c in columns}
             if len(lengths) > 1:
@@ -103,28 +112,56 @@ class Sweep:
         return [dict(zip(names, row)) for row in rows] or [{}]
 
 
-def build_sweep(prompt: dict, sets: list[str], images: list[str], object_info: dict | None) -> Sweep:
+def subgraph_widgets(promoted, ref: str) -> dict[str, Any]:
+    """The promoted widgets (by name) of the subgraph node ``ref`` (its id, title, or title in any case)."""
+    nodes = ({w.node_id for w in promoted if w.node_id == ref} or {w.node_id for w in promoted if w.title == ref}
+             or {w.node_id for w in promoted if w.title.lower() == ref.lower()})
+    if len(nodes) > 1:
+        raise UsageError(f"subgraph node {ref!r} is ambiguous: ids {sorted(nodes)}; use the node id")
+    return {w.name: w for w in promoted if w.node_id in nodes}
+
+
+def build_sweep(prompt: dict, sets: list[str], images: list[str], object_info: dict | None,
+                promoted=()) -> Sweep:
+    """``promoted``: the subgraph nodes' widgets (``workflow_format.expand_workflow``): a NODE that
+    names a subgraph node sets every inner input its widget feeds."""
     sweep = Sweep()
     for option, text in [("--set", s) for s in sets] + [("--images", s) for s in images]:
         ref, input_name, raw = split_assignment(text, option)
-        node_id = find_node(prompt, ref)
-        node = prompt[node_id]
-        known = set(node["inputs"])
-        if object_info and node["class_type"] in object_info:
-            spec = object_info[node["class_type"]].get("input", {})
-            known |= set(spec.get("required", {})) | set(spec.get("optional", {}))
-        if input_name not in known:
-            raise UsageError(f"{option}: node {ref!r} ({node['class_type']}) has no input {input_name!r}; "
-                             f"inputs: {', '.join(sorted(known))}")
-        if isinstance(node["inputs"].get(input_name), list):
-            raise UsageError(f"{option}: {ref}.{input_name} is connected to another node; set that node instead")
+        widgets = subgraph_widgets(promoted, ref)
+        if input_name in widgets:
+            targets = widgets[input_name].targets
+        else:
+            try:
+                targets = ((_node_input(prompt, ref, input_name, option, object_info), input_name),)
+            except UsageError as exc:
+                if not widgets:
+                    raise
+                raise UsageError(f"{option}: subgraph node {ref!r} has no widget {input_name!r} that reaches a node; "
+                                 f"widgets: {', '.join(sorted(widgets))}") from exc
         name = f"{ref}.{input_name}"
         if name in sweep.axes:
             raise UsageError(f"{option}: {name} is set twice")
         is_image = option == "--images"
         values = image_folder(raw) if is_image else parse_values(raw)
-        sweep.axes[name] = (node_id, input_name, values, is_image)
+        sweep.axes[name] = Axis(targets, values, is_image)
     return sweep
+
+
+def _node_input(prompt: dict, ref: str, input_name: str, option: str, object_info: dict | None) -> str:
+    """The id of the prompt node ``ref`` after checking it has an unconnected input ``input_name``."""
+    node_id = find_node(prompt, ref)
+    node = prompt[node_id]
+    known = set(node["inputs"])
+    if object_info and node["class_type"] in object_info:
+        spec = object_info[node["class_type"]].get("input", {})
+        known |= set(spec.get("required", {})) | set(spec.get("optional", {}))
+    if input_name not in known:
+        raise UsageError(f"{option}: node {ref!r} ({node['class_type']}) has no input {input_name!r}; "
+                         f"inputs: {', '.join(sorted(known))}")
+    if isinstance(node["inputs"].get(input_name), list):
+        raise UsageError(f"{option}: {ref}.{input_name} is connected to another node; set that node instead")
+    return node_id
 
 
 def item_key(params: dict) -> str:

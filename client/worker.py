@@ -148,12 +148,13 @@ class ServerWorker(threading.Thread):
     def _prompt_for(self, item: dict) -> dict:
         prompt = copy.deepcopy(self.batch.base_prompt)
         for name, value in item["params"].items():
-            node_id, input_name, _values, is_image = self.batch.sweep.axes[name]
-            if is_image:
+            axis = self.batch.sweep.axes[name]
+            if axis.is_image:
                 if value not in self.uploads:
                     self.uploads[value] = prompt_api.upload_image(self.url, value, subfolder=upload_subfolder(value))
                 value = self.uploads[value]
-            prompt[node_id]["inputs"][input_name] = value
+            for node_id, input_name in axis.targets:
+                prompt[node_id]["inputs"][input_name] = value
         return prompt
 
     def _adoptable(self, item: dict) -> bool:

@@ -158,13 +158,30 @@ def widget_type(info: dict, name: str) -> str:
     return "COMBO" if isinstance(io_type, list) else str(io_type)
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
-    """Convert a UI-format workflow to an API-format prompt using the server's ``/object_info``.
+@dataclass(frozen=True)
+class PromotedWidget:
+    """A widget of a subgraph node (``node_id``, ``title``) and the prompt inputs that take its value."""
+
+    node_id: str
+    title: str
+    name: str
+    targets: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Expansion:
+    prompt: dict[str, dict]
+    promoted: tuple[PromotedWidget, ...] = ()
+
+
+def expand_workflow(workflow: dict, object_info: dict) -> Expansion:
+    """A UI-format workflow as an API-format prompt using the server's ``/object_info``, and the
+    promoted widgets of its subgraph nodes (an API-format prompt is returned as it is).
 
     Subgraph nodes are expanded into their inner nodes (ids ``"<subgraph node>:<inner node>"``),
     exactly as the frontend does when it queues (see ``client.subgraphs``)."""
     if is_api_format(workflow):
-        return copy.deepcopy(workflow)
+        return Expansion(copy.deepcopy(workflow))
     if "nodes" not in workflow:
         raise WorkflowError("workflow: expected a UI-format workflow (with 'nodes') or an API-format prompt, "
                             f"got a dict with keys {sorted(workflow)[:8]}")
@@ -200,7 +217,16 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
             }
     except GraphError as exc:
         raise WorkflowError(str(exc)) from exc
-    return drop_dangling_links(prompt)
+    drop_dangling_links(prompt)
+    promoted = tuple(PromotedWidget(node_id, graph.subgraph_title(node_id), name,
+                                    tuple(t for t in targets if t[0] in prompt))
+                     for (node_id, name), targets in graph.promoted_targets.items())
+    return Expansion(prompt, promoted)
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
+    """Convert a UI-format workflow to an API-format prompt (``expand_workflow`` without the widgets)."""
+    return expand_workflow(workflow, object_info).prompt
 
 
 # --------------------------------------------------------------------------- tiny mode

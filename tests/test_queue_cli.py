@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from qkv_control.client.downloads import relative_output_path, save_output
-from qkv_control.client.sweep import Sweep, UsageError, parse_values
+from qkv_control.client.prompt_api import history_entry
+from qkv_control.client.sweep import Axis, Sweep, UsageError, parse_values
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "workflows" / "baseline_txt2img.json"
@@ -30,7 +31,7 @@ def test_parse_values():
 
 
 def test_sweep_product_and_zip():
-    sweep = Sweep(axes={"K.seed": ("5", "seed", [1, 2, 3], False), "P.text": ("6", "text", ["a", "b"], False)})
+    sweep = Sweep(axes={"K.seed": Axis((("5", "seed"),), [1, 2, 3]), "P.text": Axis((("6", "text"),), ["a", "b"])})
     items = sweep.items()
     assert len(items) == 6 and {"K.seed": 3, "P.text": "b"} in items
     with pytest.raises(UsageError):
@@ -204,3 +205,33 @@ def test_same_names_in_different_subfolders_are_both_kept(comfy_server, tmp_path
     # The image and its inverse (ComfyUI rounds down converting back to 8 bits: off by at most one).
     np.testing.assert_allclose(left + right, np.full_like(left, 255), atol=1)
     assert left.std() > 1.0
+
+
+@pytest.mark.server
+def test_blueprint_widget_sweep_sets_every_input_it_feeds(comfy_server, tmp_path):
+    # A saved workflow with the InDetail-IP blueprint in it: sweeping the subgraph node's `steps`
+    # must change the DDIM inversion and the sampler together (one schedule), as the node does.
+    from qkv_control.client.blueprints import wrap_in_blueprint
+
+    info = comfy_server.object_info()
+    blueprint = json.loads((ROOT / "subgraphs" / "QKV Image Prompt (InDetail-IP).json").read_text())
+    source = json.loads((ROOT / "workflows" / "indetail_ip_image_variation.json").read_text())
+    workflow_path = tmp_path / "with_blueprint.json"
+    workflow_path.write_text(json.dumps(wrap_in_blueprint(source, blueprint, info)))
+    node = "QKV Image Prompt (InDetail-IP)"
+    out = tmp_path / "blueprint_sweep"
+    result = subprocess.run([sys.executable, "-m", "client.queue", str(workflow_path), "--out", str(out), "--tiny",
+                             "--server", comfy_server.url, "--set", f"{node}.steps=2..3",
+                             "--set", f"{node}.width=128", "--set", f"{node}.height=128"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    items = _manifest_items(out)
+    assert sorted(i["params"][f"{node}.steps"] for i in items) == [2, 3]
+    for item in items:
+        entry = history_entry(comfy_server.url, item["prompt_id"])
+        prompt = entry["prompt"][2]
+        steps = {n["class_type"]: n["inputs"]["steps"] for n in prompt.values() if "steps" in n["inputs"]}
+        assert steps == {"QKVDDIMInversion": item["params"][f"{node}.steps"],
+                         "KSamplerAdvanced": item["params"][f"{node}.steps"]}, steps
+        assert all(":" in key for key, n in prompt.items() if n["class_type"] == "QKVDDIMInversion")
+        assert (out / item["files"][0]).is_file()

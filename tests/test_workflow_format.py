@@ -232,3 +232,24 @@ def test_tiny_substitution_inside_a_subgraph():
     assert swapped["13:6:41"]["inputs"]["model"] == ["13:40", 2]  # both instances share the definition
     assert wf.substituted_model_files(prompt) == {
         "checkpoints": {"v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"}}
+
+
+def test_promoted_widgets_name_every_input_they_feed():
+    from qkv_control.client.sweep import UsageError, build_sweep
+
+    fixtures = _fixtures()
+    expansion = wf.expand_workflow(fixtures.nested_subgraph_workflow(), OBJECT_INFO)
+    assert expansion.prompt == fixtures.EXPECTED_PROMPT
+    targets = {(w.node_id, w.name): w.targets for w in expansion.promoted}
+    # Instance 10's seed reaches the KSampler two levels down; 13's seed comes from a Primitive
+    # outside, so it is no widget value; the nested instance's own steps widget feeds both.
+    assert targets == {("10", "text"): (("10:18", "text"),), ("10", "seed"): (("10:6:19", "seed"),),
+                       ("13", "text"): (("13:18", "text"),),
+                       ("10:6", "steps"): (("10:6:19", "steps"),), ("13:6", "steps"): (("13:6:19", "steps"),)}
+    sweep = build_sweep(expansion.prompt, ["10.seed=1..2", "13.text=[\"a\", \"b\"]"], [], OBJECT_INFO,
+                        promoted=expansion.promoted)
+    assert sweep.axes["10.seed"].targets == (("10:6:19", "seed"),)
+    with pytest.raises(UsageError, match="ambiguous"):
+        build_sweep(expansion.prompt, ["Outer.seed=1"], [], OBJECT_INFO, promoted=expansion.promoted)
+    with pytest.raises(UsageError, match="widgets: seed, text"):
+        build_sweep(expansion.prompt, ["10.cfg=1"], [], OBJECT_INFO, promoted=expansion.promoted)
