@@ -21,15 +21,13 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import _runtime  # noqa: F401  (sys.path for the pack)
-from _runtime import ROOT, comfyui_path
+from _runtime import ROOT
 
-from client import workflow_format as wf
 from client.blueprints import BlueprintSpec, Promotion, extract_blueprint
-from client.server import ComfyServer, make_base_directory
+from workflows_api import fetch_object_info  # a throw-away server's /object_info without --url
 
 logger = logging.getLogger("qkv_control.subgraph_blueprints")
 
@@ -51,6 +49,17 @@ def _sampling(sampler: int, latent: int | None = None, extra_steps=(), steps=50,
     if latent is not None:
         promotions += (Promotion("width", ((latent, "width"),), size), Promotion("height", ((latent, "height"),), size))
     return promotions
+
+
+def _mca_scene_blueprint(name: str, description: str) -> BlueprintSpec:
+    """MCA-Ctrl replacement and addition: the same wiring (their workflows differ in the target dilation)."""
+    return BlueprintSpec(
+        name=name, description=description, category=CATEGORY, inner=(2, 3, 5, 6, 8, 9, 12, 13, 14),
+        inputs={**MODEL_CLIP_VAE, (4, 0): "subject_image", (10, 0): "subject_mask", (7, 0): "scene_image",
+                (11, 0): "target_mask"}, outputs={(14, 0): "IMAGE"},
+        promotions=(Promotion("positive", ((2, "text"),)), Promotion("negative", ((3, "text"),)),
+                    Promotion("target_dilation", ((12, "target_dilation"),)),
+                    *_sampling(13, extra_steps=((6, "steps"), (9, "steps")))))
 
 
 SPECS: dict[str, tuple[str, BlueprintSpec]] = {
@@ -81,30 +90,17 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                     Promotion("condition_prompt", ((8, "condition_prompt"),)),
                     Promotion("subject_word", ((8, "subject_word"),)),
                     *_sampling(10, 9, extra_steps=((6, "steps"),))))),
-    "mca_replacement": ("mca_ctrl_subject_replacement.json", BlueprintSpec(
-        name="QKV Subject Replacement (MCA-Ctrl)",
-        description=("MCA-Ctrl subject replacement: replaces a region of a scene (target mask) with the subject "
-                     "of another image (subject mask), keeping the scene's background. SAGI (Self-Attention "
-                     "Global Injection) early, SALQ (Self-Attention Local Query) after; subject and scene are "
-                     "DDIM-inverted inside. Masks from Load Image (as Mask) or from text "
-                     "(QKV Text to Mask)."),
-        category=CATEGORY, inner=(2, 3, 5, 6, 8, 9, 12, 13, 14),
-        inputs={**MODEL_CLIP_VAE, (4, 0): "subject_image", (10, 0): "subject_mask", (7, 0): "scene_image",
-                (11, 0): "target_mask"}, outputs={(14, 0): "IMAGE"},
-        promotions=(Promotion("positive", ((2, "text"),)), Promotion("negative", ((3, "text"),)),
-                    Promotion("target_dilation", ((12, "target_dilation"),)),
-                    *_sampling(13, extra_steps=((6, "steps"), (9, "steps")))))),
-    "mca_addition": ("mca_ctrl_subject_addition.json", BlueprintSpec(
-        name="QKV Subject Addition (MCA-Ctrl)",
-        description=("MCA-Ctrl subject addition: adds the subject of an image into an empty region of a scene "
-                     "(target mask), keeping everything else. SAGI (Self-Attention Global Injection) early, SALQ "
-                     "(Self-Attention Local Query) after; subject and scene are DDIM-inverted inside."),
-        category=CATEGORY, inner=(2, 3, 5, 6, 8, 9, 12, 13, 14),
-        inputs={**MODEL_CLIP_VAE, (4, 0): "subject_image", (10, 0): "subject_mask", (7, 0): "scene_image",
-                (11, 0): "target_mask"}, outputs={(14, 0): "IMAGE"},
-        promotions=(Promotion("positive", ((2, "text"),)), Promotion("negative", ((3, "text"),)),
-                    Promotion("target_dilation", ((12, "target_dilation"),)),
-                    *_sampling(13, extra_steps=((6, "steps"), (9, "steps")))))),
+    "mca_replacement": ("mca_ctrl_subject_replacement.json", _mca_scene_blueprint(
+        "QKV Subject Replacement (MCA-Ctrl)",
+        "MCA-Ctrl subject replacement: replaces a region of a scene (target mask) with the subject of another "
+        "image (subject mask), keeping the scene's background. SAGI (Self-Attention Global Injection) early, "
+        "SALQ (Self-Attention Local Query) after; subject and scene are DDIM-inverted inside. Masks from Load "
+        "Image (as Mask) or from text (QKV Text to Mask).")),
+    "mca_addition": ("mca_ctrl_subject_addition.json", _mca_scene_blueprint(
+        "QKV Subject Addition (MCA-Ctrl)",
+        "MCA-Ctrl subject addition: adds the subject of an image into an empty region of a scene (target mask), "
+        "keeping everything else. SAGI (Self-Attention Global Injection) early, SALQ (Self-Attention Local "
+        "Query) after; subject and scene are DDIM-inverted inside.")),
     "deadiff": ("ipadapter_deadiff_style_content.json", BlueprintSpec(
         name="QKV Style and Content (DEADiff)",
         description=("DEADiff style transfer with an IP-Adapter: the style image drives the fine cross-attention "
@@ -144,17 +140,6 @@ def blueprint_path(spec: BlueprintSpec) -> Path:
 
 def render(blueprint: dict) -> str:
     return json.dumps(blueprint, indent=2, ensure_ascii=False) + "\n"
-
-
-def fetch_object_info(url: str | None) -> dict:
-    if url:
-        return wf.fetch_object_info(url)
-    with tempfile.TemporaryDirectory(prefix="qkv-subgraphs-") as tmp:
-        make_base_directory(Path(tmp) / "base")
-        with ComfyServer(comfyui=comfyui_path(), python=sys.executable, base_directory=Path(tmp) / "base",
-                         output_directory=Path(tmp) / "output", temp_directory=Path(tmp) / "temp",
-                         user_directory=Path(tmp) / "user", log_path=Path(tmp) / "server.log") as server:
-            return wf.fetch_object_info(server.url)
 
 
 def main(argv: list[str] | None = None) -> int:
