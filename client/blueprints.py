@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .subgraphs import SUBGRAPH_INPUT_NODE_ID, SUBGRAPH_OUTPUT_NODE_ID, Link, parse_links, subgraph_definitions
+from .ui_graph import SUBGRAPH_INPUT_NODE_ID, SUBGRAPH_OUTPUT_NODE_ID, Link, parse_links, subgraph_definitions
 from .workflow_format import WorkflowError, input_spec, widget_names, widget_positions, widget_type
 
 BLUEPRINT_NAMESPACE = uuid.UUID("5b0e3c52-6a57-4c1e-9a43-0f1b2a3c4d5e")

@@ -25,7 +25,7 @@ from pathlib import Path
 import _runtime  # noqa: F401  (sys.path for the pack)
 from _runtime import ROOT, comfyui_path, has_accelerator, import_comfy_for_tiny_models, pack_links
 
-from client import prompt_api, subgraphs
+from client import prompt_api, ui_graph
 from client import workflow_format as wf
 from client.server import ComfyServer, make_base_directory
 
@@ -56,9 +56,9 @@ def referenced_model_files(workflow: dict) -> list[str]:
         for node in workflow.values():
             values += list(node.get("inputs", {}).values())
     else:
-        inner = [n for d in subgraphs.subgraph_definitions(workflow).values() for n in d.get("nodes", [])]
+        inner = [n for d in ui_graph.subgraph_definitions(workflow).values() for n in d.get("nodes", [])]
         for node in workflow.get("nodes", []) + inner:
-            if node.get("mode", 0) in subgraphs.SKIPPED_MODES or node["type"] in subgraphs.NOTE_TYPES:
+            if node.get("mode", 0) in ui_graph.SKIPPED_MODES or node["type"] in ui_graph.NOTE_TYPES:
                 continue
             widgets = node.get("widgets_values") or []
             values += list(widgets.values()) if isinstance(widgets, dict) else list(widgets)

@@ -15,7 +15,7 @@ import pytest
 
 from qkv_control.client import blueprints as bp
 from qkv_control.client import workflow_format as wf
-from qkv_control.client.subgraphs import subgraph_definitions
+from qkv_control.client.ui_graph import subgraph_definitions
 
 pytestmark = pytest.mark.server
 
