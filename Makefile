@@ -6,7 +6,7 @@ PORT ?= 8188
 WORKFLOW ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-oldest demo serve bench lint workflows-api workflows-docs screenshots
+.PHONY: setup test test-oldest demo serve bench lint workflows-api workflows-docs subgraphs screenshots
 
 setup:
 	@bash scripts/setup.sh
@@ -47,6 +47,10 @@ workflows-api: setup
 # docs/workflows.md from the workflows' notes and loaders (tests/test_packaging.py checks it is current).
 workflows-docs:
 	$(PY) scripts/workflows_doc.py
+
+# Subgraph blueprints (subgraphs/*.json) from the workflows (tests/test_subgraph_blueprints.py checks them).
+subgraphs: setup
+	$(PY) scripts/subgraph_blueprints.py
 
 # README screenshots (docs/screenshots/*.png), taken by the browser test.
 screenshots: setup

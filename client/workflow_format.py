@@ -1,12 +1,12 @@
-"""ComfyUI workflow formats: UI format -> API format, tiny-model substitution, running a prompt.
+"""ComfyUI workflow formats: UI format -> API format, and tiny-model substitution.
 
-The UI format (what the frontend saves: ``nodes``, ``links``, ``widgets_values``) stores
-widget values by position; the API format (what ``POST /prompt`` takes) stores them by
-name. The mapping needs each node's input order from the server's ``/object_info``, and
-follows the frontend's rules: a seed-like widget is followed by its
-``control_after_generate`` value, an image-upload combo by its upload button's value,
-notes/reroutes/primitive nodes exist only in the frontend, muted nodes are dropped and
-bypassed nodes pass their matching input through.
+The UI format (what the frontend saves: ``nodes``, ``links``, ``widgets_values``, subgraph
+``definitions``) stores widget values by position; the API format (what ``POST /prompt``
+takes) stores them by name. The mapping needs each node's input order from the server's
+``/object_info``, and follows the frontend's rules: a seed-like widget is followed by its
+``control_after_generate`` value, an image-upload combo by its upload button's value.
+Following links (reroutes, bypassed and muted nodes, subgraphs, nested ones too) is
+``client.subgraphs``; running a prompt is ``client.prompt_api``.
 
 Pure Python + ``requests``: the tests, ``make demo`` and the batch CLI share this module.
 """
@@ -14,38 +14,24 @@ Pure Python + ``requests``: the tests, ``make demo`` and the batch CLI share thi
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import requests
 
-# Node types that live only in the frontend.
-NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
-REROUTE_TYPE = "Reroute"
-PRIMITIVE_TYPE = "PrimitiveNode"
-FRONTEND_ONLY_TYPES = NOTE_TYPES | {REROUTE_TYPE, PRIMITIVE_TYPE}
-
-# LiteGraph node modes.
-MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+from .subgraphs import FlatGraph, GraphError, NodeWidgets, drop_dangling_links
 
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 CONTROL_AFTER_GENERATE_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 # The frontend gives these INT inputs a control widget even without the flag.
 SEED_WIDGET_NAMES = frozenset({"seed", "noise_seed"})
 UPLOAD_WIDGET_VALUES = frozenset({"image", "video", "audio", "file", "3d"})
+# Promoted widgets kept in the pre-1.4x frontend layout, which the frontend migrates on load.
+LEGACY_PROMOTION_KEY = "proxyWidgets"
 
 
 class WorkflowError(ValueError):
     """A workflow that cannot be converted (unknown node types, broken links, ...)."""
-
-
-class PromptError(RuntimeError):
-    """The server rejected or failed a prompt. ``details`` holds the server's JSON."""
-
-    def __init__(self, message: str, details: Any = None):
-        super().__init__(message)
-        self.details = details
 
 
 # --------------------------------------------------------------------------- formats
@@ -63,7 +49,8 @@ def fetch_object_info(url: str, timeout: float = 60) -> dict:
     return r.json()
 
 
-def _input_spec(info: dict, name: str) -> tuple[Any, dict]:
+def input_spec(info: dict, name: str) -> tuple[Any, dict]:
+    """(type, options) of a node type's input in ``/object_info`` (None, {} when it has none)."""
     for section in ("required", "optional"):
         spec = info.get("input", {}).get(section, {}).get(name)
         if spec is not None:
@@ -103,123 +90,143 @@ def _has_upload_widget(opts: dict) -> bool:
     return any(key.endswith("_upload") and value for key, value in opts.items())
 
 
-def widget_values_by_name(node: dict, info: dict) -> dict[str, Any]:
-    """Map a UI node's ``widgets_values`` onto input names, in the server's input order."""
-    values = node.get("widgets_values")
-    order = _input_order(info)
-    if isinstance(values, dict):
-        return {name: values[name] for name in order if name in values}
-    values = list(values or [])
-    result: dict[str, Any] = {}
+def widget_positions(node: dict, info: dict) -> dict[str, int]:
+    """Where each widget's value sits in a UI node's ``widgets_values`` list, by input name.
+
+    The frontend stores a seed-like widget's ``control_after_generate`` value right after it,
+    and an image-upload combo's upload-button value after that combo."""
+    values = list(node.get("widgets_values") or [])
+    widgets = widget_names(info)
+    positions: dict[str, int] = {}
     pos = 0
-    widgets = [name for name in order if _is_widget(*_input_spec(info, name))]
     for index, name in enumerate(widgets):
-        io_type, opts = _input_spec(info, name)
+        io_type, opts = input_spec(info, name)
         if pos >= len(values):
             break
-        result[name] = values[pos]
+        positions[name] = pos
         pos += 1
         if _has_control_widget(name, io_type, opts) and pos < len(values) \
                 and values[pos] in CONTROL_AFTER_GENERATE_VALUES:
             pos += 1
         if _has_upload_widget(opts) and pos < len(values) and values[pos] in UPLOAD_WIDGET_VALUES:
             following = widgets[index + 1] if index + 1 < len(widgets) else None
-            options = _combo_options(*_input_spec(info, following)) if following else None
+            options = _combo_options(*input_spec(info, following)) if following else None
             if not options or values[pos] not in options:
                 pos += 1
+    return positions
+
+
+_UNSET = object()
+
+
+def widget_default(info: dict, name: str) -> Any:
+    """The value the frontend gives a widget the saved node has no value for (a widget added to
+    the node type after the workflow was saved): the input's default, else 0 / "" / False /
+    the first option."""
+    io_type, opts = input_spec(info, name)
+    options = _combo_options(io_type, opts)
+    if options is not None:
+        return opts.get("default") or (options[0] if options else _UNSET)
+    default = opts.get("default")
+    return {"INT": 0, "FLOAT": 0, "STRING": "", "BOOLEAN": False}.get(io_type, _UNSET) if default is None else default
+
+
+def widget_values_by_name(node: dict, info: dict) -> dict[str, Any]:
+    """A UI node's widget values by input name, in the server's input order: its ``widgets_values``,
+    and the frontend's default for widgets it has no value for."""
+    values = node.get("widgets_values")
+    if isinstance(values, dict):
+        saved = {name: values[name] for name in _input_order(info) if name in values}
+    else:
+        saved = {name: values[pos] for name, pos in widget_positions(node, info).items()}
+    result = {}
+    for name in widget_names(info):
+        value = saved[name] if name in saved else widget_default(info, name)
+        if value is not _UNSET:
+            result[name] = value
     return result
 
 
-def _normalise_links(workflow: dict) -> dict[int, tuple[int, int, int, int, Any]]:
-    """``{link_id: (origin_id, origin_slot, target_id, target_slot, type)}`` from either link layout."""
-    links = {}
-    for link in workflow.get("links") or []:
-        if isinstance(link, dict):
-            links[link["id"]] = (link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
-                                 link.get("type"))
-        else:
-            links[link[0]] = (link[1], link[2], link[3], link[4], link[5] if len(link) > 5 else None)
-    return links
+def widget_names(info: dict) -> list[str]:
+    """A node type's widget inputs, in the server's input order."""
+    return [name for name in _input_order(info) if _is_widget(*input_spec(info, name))]
 
 
-def _types_match(a: Any, b: Any) -> bool:
-    if a in (None, "*") or b in (None, "*"):
-        return True
-    set_a, set_b = set(str(a).split(",")), set(str(b).split(","))
-    return bool(set_a & set_b)
+def widget_type(info: dict, name: str) -> str:
+    """The slot type the frontend gives a widget input ("INT", "STRING", "COMBO", ...)."""
+    io_type, _opts = input_spec(info, name)
+    return "COMBO" if isinstance(io_type, list) else str(io_type)
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
-    """Convert a UI-format workflow to an API-format prompt using the server's ``/object_info``."""
+@dataclass(frozen=True)
+class PromotedWidget:
+    """A widget of a subgraph node (``node_id``, ``title``) and the prompt inputs that take its value."""
+
+    node_id: str
+    title: str
+    name: str
+    targets: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Expansion:
+    prompt: dict[str, dict]
+    promoted: tuple[PromotedWidget, ...] = ()
+
+
+def expand_workflow(workflow: dict, object_info: dict) -> Expansion:
+    """A UI-format workflow as an API-format prompt using the server's ``/object_info``, and the
+    promoted widgets of its subgraph nodes (an API-format prompt is returned as it is).
+
+    Subgraph nodes are expanded into their inner nodes (ids ``"<subgraph node>:<inner node>"``),
+    exactly as the frontend does when it queues (see ``client.subgraphs``)."""
     if is_api_format(workflow):
-        return copy.deepcopy(workflow)
+        return Expansion(copy.deepcopy(workflow))
     if "nodes" not in workflow:
         raise WorkflowError("workflow: expected a UI-format workflow (with 'nodes') or an API-format prompt, "
                             f"got a dict with keys {sorted(workflow)[:8]}")
-    subgraph_ids = {sg.get("id") for sg in (workflow.get("definitions") or {}).get("subgraphs") or []}
-    nodes = {node["id"]: node for node in workflow["nodes"]}
-    links = _normalise_links(workflow)
 
-    missing = sorted({n["type"] for n in nodes.values()
-                      if n["type"] not in object_info and n["type"] not in FRONTEND_ONLY_TYPES})
+    def info_of(node: dict) -> dict:
+        return object_info.get(node.get("type"), {})
+
+    widgets = NodeWidgets(values=lambda node: widget_values_by_name(node, info_of(node)),
+                          has_widget=lambda node, name: name in widget_names(info_of(node)))
+    try:
+        graph = FlatGraph(workflow, widgets)
+    except GraphError as exc:
+        raise WorkflowError(str(exc)) from exc
+    legacy = sorted(dto.id for dto in graph.nodes.values()
+                    if dto.inner is not None and (dto.node.get("properties") or {}).get(LEGACY_PROMOTION_KEY))
+    if legacy:
+        raise WorkflowError(f"workflow: subgraph nodes {legacy} promote widgets the pre-1.4x way "
+                            f"(properties.{LEGACY_PROMOTION_KEY}); open the workflow in a current ComfyUI "
+                            "frontend and save it again, which turns them into subgraph inputs")
+    executed = graph.executed()
+    missing = sorted({dto.node["type"] for dto in executed if dto.node["type"] not in object_info})
     if missing:
-        nested = [t for t in missing if t in subgraph_ids]
-        if nested:
-            raise WorkflowError(f"workflow: subgraphs are not supported by this converter, got subgraph nodes {nested}")
         raise WorkflowError(f"workflow: node types not known to the server: {missing} "
                             "(is the custom node pack installed and loaded?)")
-
-    def resolve(link_id: int, seen: frozenset = frozenset()) -> tuple[str, Any] | None:
-        """Follow a link to a real producing node: ("link", [id, slot]), ("value", v) or None."""
-        if link_id in seen or link_id not in links:
-            return None
-        seen = seen | {link_id}
-        origin_id, origin_slot, _target, _slot, link_type = links[link_id]
-        src = nodes.get(origin_id)
-        if src is None:
-            raise WorkflowError(f"workflow: link {link_id} starts at node {origin_id}, which does not exist")
-        mode = src.get("mode", MODE_ALWAYS)
-        if src["type"] == REROUTE_TYPE:
-            upstream = (src.get("inputs") or [{}])[0].get("link")
-            return resolve(upstream, seen) if upstream is not None else None
-        if src["type"] == PRIMITIVE_TYPE:
-            return ("value", (src.get("widgets_values") or [None])[0])
-        if mode == MODE_NEVER:
-            return None
-        if mode == MODE_BYPASS:
-            out_type = link_type
-            outputs = src.get("outputs") or []
-            if origin_slot < len(outputs):
-                out_type = outputs[origin_slot].get("type", out_type)
-            inputs = src.get("inputs") or []
-            candidates = ([inputs[origin_slot]] if origin_slot < len(inputs) else []) + list(inputs)
-            for inp in candidates:
-                if inp.get("link") is not None and _types_match(inp.get("type"), out_type):
-                    return resolve(inp["link"], seen)
-            return None
-        return ("link", [str(origin_id), origin_slot])
-
     prompt: dict[str, dict] = {}
-    for node_id, node in nodes.items():
-        if node["type"] in FRONTEND_ONLY_TYPES or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
-            continue
-        info = object_info[node["type"]]
-        inputs = widget_values_by_name(node, info)
-        for inp in node.get("inputs") or []:
-            name = (inp.get("widget") or {}).get("name") or inp["name"]
-            if inp.get("link") is None:
-                continue
-            source = resolve(inp["link"])
-            if source is None:
-                inputs.pop(name, None)
-            else:
-                inputs[name] = source[1]
-        prompt[str(node_id)] = {
-            "class_type": node["type"],
-            "inputs": inputs,
-            "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]},
-        }
-    return prompt
+    try:
+        for dto in executed:
+            info = object_info[dto.node["type"]]
+            prompt[dto.id] = {
+                "class_type": dto.node["type"],
+                "inputs": graph.prompt_inputs(dto),
+                "_meta": {"title": dto.node.get("title") or info.get("display_name") or dto.node["type"]},
+            }
+    except GraphError as exc:
+        raise WorkflowError(str(exc)) from exc
+    drop_dangling_links(prompt)
+    promoted = tuple(PromotedWidget(node_id, graph.subgraph_title(node_id), name,
+                                    tuple(t for t in targets if t[0] in prompt))
+                     for (node_id, name), targets in graph.promoted_targets.items())
+    return Expansion(prompt, promoted)
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
+    """Convert a UI-format workflow to an API-format prompt (``expand_workflow`` without the widgets)."""
+    return expand_workflow(workflow, object_info).prompt
 
 
 # --------------------------------------------------------------------------- tiny mode
@@ -230,12 +237,14 @@ class TinySubstitute:
 
     ``make_inputs(original_inputs, family)`` gives the tiny loader's inputs;
     ``output_slots[i]`` is the tiny node's output slot for the core node's slot ``i``
-    (None: same order).
+    (None: same order). ``model_file`` is (models/ folder, input) of the file the core
+    loader reads, so that a test server can list the file name without having the file.
     """
 
     tiny_class: str
     make_inputs: Callable[[dict, str], dict]
     output_slots: tuple[int, ...] | None = None
+    model_file: tuple[str, str] | None = None
 
 
 TINY_SEED = 0
@@ -243,10 +252,13 @@ TINY_SEED = 0
 # core class_type -> substitute. Add an entry for each core loader the tiny models stand in for.
 TINY_SUBSTITUTES: dict[str, TinySubstitute] = {
     "CheckpointLoaderSimple": TinySubstitute(
-        "QKVTinyCheckpointLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}),
-    "CLIPVisionLoader": TinySubstitute("QKVTinyCLIPVisionLoader", lambda inputs, family: {"seed": TINY_SEED}),
+        "QKVTinyCheckpointLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED},
+        model_file=("checkpoints", "ckpt_name")),
+    "CLIPVisionLoader": TinySubstitute("QKVTinyCLIPVisionLoader", lambda inputs, family: {"seed": TINY_SEED},
+                                       model_file=("clip_vision", "clip_name")),
     "ControlNetLoader": TinySubstitute(
-        "QKVTinyControlNetLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}),
+        "QKVTinyControlNetLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED},
+        model_file=("controlnet", "control_net_name")),
 }
 
 
@@ -264,6 +276,21 @@ for _core_class, _slot in DIT_LOADER_SLOTS.items():
 # Filename (or loader type) tags of the diffusion-transformer families, checked first; "t5xxl"
 # (a T5-XXL text encoder file) is no SDXL hint.
 _DIT_HINTS = (("schnell", "flux_schnell"), ("flux", "flux"), ("sd3", "sd35"), ("sd_3", "sd35"))
+
+
+def substituted_model_files(prompt: dict, substitutes: dict[str, TinySubstitute] | None = None) -> dict[str, set[str]]:
+    """The files the core loaders of an API prompt read and tiny mode replaces, by models/ folder."""
+    table = TINY_SUBSTITUTES if substitutes is None else substitutes
+    files: dict[str, set[str]] = {}
+    for node in prompt.values():
+        sub = table.get(node["class_type"])
+        if sub is None or sub.model_file is None:
+            continue
+        folder, input_name = sub.model_file
+        name = node["inputs"].get(input_name)
+        if isinstance(name, str) and name:
+            files.setdefault(folder, set()).add(name)
+    return files
 
 
 def family_hint(text: str) -> str | None:
@@ -322,115 +349,3 @@ def apply_tiny_substitutions(prompt: dict, object_info: dict | None = None, fami
     return prompt, replaced
 
 
-# --------------------------------------------------------------------------- running
-
-def format_prompt_error(body: Any) -> str:
-    """A readable message from ``POST /prompt``'s error JSON, node_errors included."""
-    if not isinstance(body, dict):
-        return str(body)
-    lines = []
-    err = body.get("error")
-    if isinstance(err, dict):
-        lines.append(f"{err.get('message', '')} {err.get('details', '')}".strip())
-    elif err:
-        lines.append(str(err))
-    for node_id, node_err in (body.get("node_errors") or {}).items():
-        for e in node_err.get("errors", []):
-            lines.append(f"node {node_id} ({node_err.get('class_type', '?')}): {e.get('message', '')}: "
-                         f"{e.get('details', '')}".rstrip(": "))
-    return "\n".join(lines) or str(body)
-
-
-def queue_prompt(url: str, prompt: dict, client_id: str | None = None, timeout: float = 60) -> str:
-    """POST /prompt; returns the prompt id or raises PromptError with the node errors."""
-    payload: dict[str, Any] = {"prompt": prompt}
-    if client_id:
-        payload["client_id"] = client_id
-    r = requests.post(f"{url}/prompt", json=payload, timeout=timeout)
-    try:
-        body = r.json()
-    except ValueError:
-        body = r.text
-    if r.status_code != 200 or not isinstance(body, dict) or "prompt_id" not in body:
-        raise PromptError(f"server rejected the prompt (HTTP {r.status_code}):\n{format_prompt_error(body)}", body)
-    if body.get("node_errors"):
-        raise PromptError(f"server reported node errors:\n{format_prompt_error(body)}", body)
-    return body["prompt_id"]
-
-
-def history_entry(url: str, prompt_id: str, timeout: float = 30) -> dict | None:
-    r = requests.get(f"{url}/history/{prompt_id}", timeout=timeout)
-    r.raise_for_status()
-    return r.json().get(prompt_id)
-
-
-def execution_error_message(entry: dict) -> str:
-    for kind, data in (entry.get("status") or {}).get("messages", []):
-        if kind in ("execution_error", "execution_interrupted"):
-            where = f"node {data.get('node_id')} ({data.get('node_type')})" if data.get("node_id") else "prompt"
-            return f"{kind} in {where}: {data.get('exception_type', '')} {data.get('exception_message', '')}".strip()
-    return f"prompt failed: {entry.get('status')}"
-
-
-def entry_finished(entry: dict | None) -> bool:
-    status = (entry or {}).get("status") or {}
-    return bool(status.get("completed")) or status.get("status_str") in ("success", "error")
-
-
-def check_entry(entry: dict) -> dict:
-    """Raise PromptError when a history entry records a failed run."""
-    status = entry.get("status") or {}
-    if status.get("status_str") == "error" or not status.get("completed", True):
-        raise PromptError(execution_error_message(entry), entry)
-    return entry
-
-
-def wait_for_prompt(url: str, prompt_id: str, timeout: float = 600, poll: float = 0.25) -> dict:
-    """Poll /history until the prompt finished; returns its entry or raises PromptError/TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entry = history_entry(url, prompt_id)
-        if entry_finished(entry):
-            return check_entry(entry)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s on {url}")
-        time.sleep(poll)
-
-
-def run_prompt(url: str, prompt: dict, timeout: float = 600) -> dict:
-    """Queue an API-format prompt and wait for it; returns the history entry."""
-    return wait_for_prompt(url, queue_prompt(url, prompt), timeout=timeout)
-
-
-def output_files(entry: dict, kinds: tuple[str, ...] = ("images", "gifs", "videos", "audio")) -> list[dict]:
-    """``[{"node_id", "filename", "subfolder", "type"}, ...]`` of a history entry, in node order."""
-    files = []
-    for node_id, outputs in (entry.get("outputs") or {}).items():
-        for kind in kinds:
-            for item in outputs.get(kind) or []:
-                if isinstance(item, dict) and "filename" in item:
-                    files.append({"node_id": node_id, "filename": item["filename"],
-                                  "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
-    return files
-
-
-def download_file(url: str, item: dict, timeout: float = 60) -> bytes:
-    """GET /view for one output file."""
-    params = {"filename": item["filename"], "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")}
-    r = requests.get(f"{url}/view", params=params, timeout=timeout)
-    r.raise_for_status()
-    return r.content
-
-
-def upload_image(url: str, path, subfolder: str = "", overwrite: bool = True, timeout: float = 60) -> str:
-    """POST /upload/image into the input folder; returns the name for a LoadImage ``image`` input."""
-    from pathlib import Path
-
-    path = Path(path)
-    with open(path, "rb") as fh:
-        r = requests.post(f"{url}/upload/image", files={"image": (path.name, fh)},
-                          data={"overwrite": "true" if overwrite else "false", "type": "input",
-                                "subfolder": subfolder}, timeout=timeout)
-    r.raise_for_status()
-    body = r.json()
-    return f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else body["name"]

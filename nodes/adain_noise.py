@@ -20,10 +20,12 @@ class QKVAdaINNoise(io.ComfyNode):
             node_id="QKVAdaINNoise",
             display_name=NAME,
             category="QKV Control/InDetail-IP",
-            description="Initial noise with the per-channel mean and std of the reference's inverted latent "
-                        "(InDetail-IP eq. 2), carrying its colour tone. Sample with the 'model' output: every run "
+            description="InDetail-IP AdaIN noise: initial noise with the per-channel mean and std of the reference's "
+                        "inverted latent (eq. 2), carrying its colour tone. Sample with the 'model' output: every run "
                         "then starts at the AdaIN z_T of its own first sigma (any sampler node, scheduler, "
                         "denoise). 'latent' feeds KSampler (Advanced), 'noise' SamplerCustomAdvanced.",
+            search_aliases=["adain", "adain noise", "initial noise", "noise from reference", "colour tone",
+                            "color tone", "indetail", "image prompt"],
             inputs=[
                 io.Model.Input("model", optional=True,
                                tooltip="The model you sample with (after InDetail-IP Reference Attention and Image "

@@ -20,11 +20,14 @@ class QKVDDIMInversion(io.ComfyNode):
             node_id="QKVDDIMInversion",
             display_name=NAME,
             category="QKV Control/InDetail-IP",
-            description="Deterministic DDIM inversion of a VAE-encoded reference image: the latent at every "
-                        "sigma of the schedule (one model row per step, no CFG), starting from the clean level "
-                        "alpha_bar_0 as the official code does; flow models (Flux, SD3) are inverted along their "
+            description="DDIM inversion (an unsampler) of a VAE-encoded reference image: the latent at every "
+                        "sigma of the schedule (one model row per step, no CFG), for InDetail-IP's reference and "
+                        "MCA-Ctrl's subject and scene streams, starting from the clean level alpha_bar_0 as the "
+                        "official code does; flow models (Flux, SD3) are inverted along their "
                         "Euler ODE from sigma 0. Use the same steps and scheduler as the KSampler. Cached by image, "
                         "model, schedule and prompt: re-queuing does not invert again.",
+            search_aliases=["inversion", "ddim inversion", "unsampler", "invert image", "noise from image",
+                            "reverse sampling", "reference", "indetail", "mca-ctrl"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with (the one you sample with)."),
                 io.Latent.Input("latent", tooltip="The reference image, VAE-encoded (VAE Encode). A batch inverts "

@@ -27,6 +27,8 @@ class QKVImagePromptGuidance(io.ComfyNode):
                         "prompt control of the pack. 'both' is the conflicting baseline (each branch with its own "
                         "reference text, the official ablation); 'negative_image' gives the negative branch another "
                         "image (Suppl. E).",
+            search_aliases=["conflict-free guidance", "cfg", "negative prompt image", "image prompt", "guidance",
+                            "positive only", "indetail"],
             inputs=[
                 io.Model.Input("model", tooltip="The model whose image-prompt controls follow this policy."),
                 io.Combo.Input("policy", options=POLICIES, default=POSITIVE_ONLY,

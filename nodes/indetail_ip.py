@@ -24,11 +24,15 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
             node_id="QKVInDetailReferenceAttention",
             display_name=NAME,
             category="QKV Control/InDetail-IP",
-            description="Runs the inverted reference as an extra batch row and lets the generated image's "
-                        "self-attention read its keys/values: Stratified Attention early, KV concatenation "
-                        "after (paper default), or KV replacement. Only positive CFG rows see the reference "
-                        "unless an Image Prompt Guidance node says otherwise. The negative branch runs without "
+            description="InDetail-IP image prompt by self-attention: runs the inverted reference as an extra batch "
+                        "row and lets the generated image's self-attention read its keys/values: Stratified "
+                        "Attention early, KV concatenation after (paper default), or KV replacement. Under "
+                        "conflict-free guidance (the default) only positive CFG rows see the reference unless an "
+                        "Image Prompt Guidance node says otherwise. The negative branch runs without "
                         "ControlNet for the first 20% of the steps (official code).",
+            search_aliases=["reference", "reference only", "image prompt", "stratified attention", "kv concat",
+                            "self-attention", "attention", "style transfer", "image variation", "texture", "detail",
+                            "indetail"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),

@@ -71,9 +71,10 @@ class QKVIPAdapterLoader(io.ComfyNode):
             node_id="QKVIPAdapterLoader",
             display_name=LOADER_NAME,
             category=CATEGORY,
-            description="Loads IP-Adapter weights (sd15, sd15_light, sd15_plus, plus-face, sdxl, sdxl_vit-h, "
-                        "plus_sdxl_vit-h; .safetensors or .bin, read without running pickled code) from "
+            description="Loads IP-Adapter weights for image prompts (sd15, sd15_light, sd15_plus, plus-face, sdxl, "
+                        "sdxl_vit-h, plus_sdxl_vit-h; .safetensors or .bin, read without running pickled code) from "
                         "models/ipadapter.",
+            search_aliases=["ip adapter", "ipadapter", "load ip adapter", "image prompt", "reference"],
             inputs=[
                 io.Combo.Input("ipadapter_file", options=folder_paths.get_filename_list(FOLDER),
                                tooltip="A file in models/ipadapter (or an ipadapter path of extra_model_paths.yaml)."),
@@ -98,9 +99,11 @@ class QKVIPAdapterApply(io.ComfyNode):
             node_id="QKVIPAdapterApply",
             display_name=APPLY_NAME,
             category=CATEGORY,
-            description="Adds an image prompt to the model's cross-attention: decoupled (IP-Adapter: text "
-                        "attention + weight x image attention) or joint (DEADiff: one softmax over text and "
-                        "image tokens). Honours the positive-only image-prompt policy.",
+            description="IP-Adapter image prompt in the model's cross-attention: decoupled (IP-Adapter: text attention + "
+                        "weight x image attention) or joint (DEADiff: one softmax over text and image tokens). Honours "
+                        "conflict-free guidance (the positive-only image-prompt policy).",
+            search_aliases=["ip adapter", "ipadapter", "image prompt", "reference", "style transfer",
+                            "decoupled cross-attention", "joint attention", "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned)."),
                 IPAdapterType.Input("ipadapter", tooltip="From QKV IP-Adapter Loader."),
@@ -142,9 +145,11 @@ class QKVIPAdapterStyleContent(io.ComfyNode):
             node_id="QKVIPAdapterStyleContent",
             display_name=STYLE_CONTENT_NAME,
             category=CATEGORY,
-            description="DEADiff's disentangled conditioning with an IP-Adapter: the style image goes to the "
-                        "fine, high-resolution cross-attention layers, the content (semantic) image to the "
-                        "coarse ones, so the style image's subject does not leak into the result.",
+            description="DEADiff style transfer: disentangled conditioning with an IP-Adapter; the style image goes to the "
+                        "fine, high-resolution cross-attention layers, the content (semantic) image to the coarse ones, so "
+                        "the style image's subject does not leak into the result.",
+            search_aliases=["deadiff", "style transfer", "style", "content", "style and content", "ip adapter",
+                            "disentangled", "reference", "image prompt"],
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned)."),
                 IPAdapterType.Input("ipadapter", tooltip="From QKV IP-Adapter Loader."),

@@ -85,11 +85,15 @@ class QKVMCACtrlReplace(io.ComfyNode):
             display_name=REPLACE_NAME,
             category=CATEGORY,
             description="MCA-Ctrl subject replacement and addition: puts the subject of one image into a scene, "
-                        "in the region of the target mask, keeping the scene's background. The subject and the "
+                        "in the region of the target mask, keeping the scene's background. SAGI (Self-Attention "
+                        "Global Injection) early, then SALQ (Self-Attention Local Query): the subject and the "
                         "scene run as inverted streams in the same batch, one row each per controlled CFG branch "
                         "with that branch's prompt (the official code), and the generated image starts from the "
                         "scene's inverted noise. Sample with the same steps and scheduler as the inversions, from "
                         "a latent of the scene's size.",
+            search_aliases=["subject", "replace", "replace subject", "inpaint subject", "subject addition",
+                            "add subject", "insert object", "swap object", "salq", "sagi", "mca-ctrl", "attention",
+                            "reference"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("subject", tooltip="The DDIM-inverted subject image (DDIM Inversion node). "
@@ -137,11 +141,14 @@ class QKVMCACtrlGenerate(io.ComfyNode):
             display_name=GENERATE_NAME,
             category=CATEGORY,
             description="MCA-Ctrl subject generation: generates the prompt's scene with the subject of an "
-                        "image in it. The inverted subject runs as one row per controlled CFG branch (with that "
+                        "image in it. SAGI (Self-Attention Global Injection) early, then SALQ (Self-Attention Local "
+                        "Query): the inverted subject runs as one row per controlled CFG branch (with that "
                         "branch's prompt, as the official code); the image queries the subject's foreground "
                         "inside the target mask and its own background outside. Without a target mask, the mask "
                         "is the subject word's cross-attention in the image (official code: top 30% set to 1, "
                         "the rest soft).",
+            search_aliases=["subject", "subject generation", "subject driven", "personalization", "customization",
+                            "salq", "sagi", "mca-ctrl", "attention", "reference"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 io.Clip.Input("clip", tooltip="The text encoder, to encode the condition prompt."),

@@ -55,6 +55,8 @@ class QKVConditionGuidance(io.ComfyNode):
                         "take the keys/values of a preset text condition (replace) or attend to both theirs and "
                         "its (concat), so a wild prompt cannot break the style. The preset's keys/values are "
                         "projected directly in each layer: no extra batch row.",
+            search_aliases=["condition guidance", "e-commerce", "ecommerce", "product", "style consistency",
+                            "kv share", "preset prompt", "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The model (usually after QKV IP-Adapter Apply)."),
                 io.Conditioning.Input("preset", tooltip="The preset text condition (e.g. a style description of "
@@ -90,6 +92,8 @@ class QKVMaskGuidance(io.ComfyNode):
             description="E-commerce mask guidance: the cross-attention map of chosen prompt words, thresholded, "
                         "multiplies their values in the chosen layers, holding the product's composition. "
                         "Also outputs the prompt's conditioning: use it as the positive prompt.",
+            search_aliases=["mask guidance", "e-commerce", "ecommerce", "product", "attention mask", "word mask",
+                            "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 *_prompt_word_inputs("The positive prompt (encoded here, see the conditioning output).",
@@ -134,6 +138,8 @@ class QKVAttentionMap(io.ComfyNode):
             description="Samples like KSampler and records the cross-attention maps of chosen prompt words, "
                         "averaged over layers, heads, words and steps: a MASK (e.g. for MCA-Ctrl's target "
                         "mask or ThresholdMask) and a preview IMAGE, to see what mask guidance uses.",
+            search_aliases=["attention map", "cross-attention map", "word mask", "mask from text", "heatmap",
+                            "e-commerce", "attention"],
             inputs=[
                 io.Model.Input("model", tooltip="The model (patched or not)."),
                 *_prompt_word_inputs("The positive prompt (encoded here).",

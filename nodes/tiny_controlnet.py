@@ -18,6 +18,7 @@ class QKVTinyControlNetLoader(io.ComfyNode):
             category="QKV Control/testing",
             description="Builds a tiny random-weight ControlNet for the tiny checkpoint of the same family, "
                         "with ComfyUI's own ControlNet classes. For tests and the demo without model files.",
+            search_aliases=["tiny", "test", "random controlnet"],
             inputs=[
                 io.Combo.Input("family", options=list(FAMILIES), default="sd15",
                                tooltip="Family of the tiny checkpoint the ControlNet pairs with."),

@@ -22,6 +22,7 @@ class QKVTinyCheckpointLoader(io.ComfyNode):
             description="Builds a tiny random-weight checkpoint (SD1.5, SDXL, Flux.1 dev or schnell, SD3.5) "
                         "with ComfyUI's own model and text-encoder classes. For tests and the demo without model "
                         "files; images are noise-like.",
+            search_aliases=["tiny", "test", "random checkpoint"],
             inputs=[
                 io.Combo.Input("family", options=list(checkpoint_families()), default="sd15",
                                tooltip="Which real model family's block structure the tiny model copies: sd15, "
@@ -52,6 +53,7 @@ class QKVTinyCLIPVisionLoader(io.ComfyNode):
             display_name="QKV Tiny CLIP Vision (test)",
             category="QKV Control/testing",
             description="Builds a tiny random-weight CLIP vision model (ViT, width 64) for tests and the demo.",
+            search_aliases=["tiny", "test", "random clip vision"],
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the random weights; the same seed gives the same model."),

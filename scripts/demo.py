@@ -25,6 +25,7 @@ from pathlib import Path
 import _runtime  # noqa: F401  (sys.path for the pack)
 from _runtime import ROOT, comfyui_path, has_accelerator, import_comfy_for_tiny_models, pack_links
 
+from client import prompt_api, ui_graph
 from client import workflow_format as wf
 from client.server import ComfyServer, make_base_directory
 
@@ -55,8 +56,9 @@ def referenced_model_files(workflow: dict) -> list[str]:
         for node in workflow.values():
             values += list(node.get("inputs", {}).values())
     else:
-        for node in workflow.get("nodes", []):
-            if node.get("mode", 0) in (wf.MODE_NEVER, wf.MODE_BYPASS) or node["type"] in wf.NOTE_TYPES:
+        inner = [n for d in ui_graph.subgraph_definitions(workflow).values() for n in d.get("nodes", [])]
+        for node in workflow.get("nodes", []) + inner:
+            if node.get("mode", 0) in ui_graph.SKIPPED_MODES or node["type"] in ui_graph.NOTE_TYPES:
                 continue
             widgets = node.get("widgets_values") or []
             values += list(widgets.values()) if isinstance(widgets, dict) else list(widgets)
@@ -125,17 +127,17 @@ def run_workflow(server: ComfyServer, run: DemoRun, object_info: dict, out_root:
         for line in replaced:
             say(f"  {run.workflow.stem}: tiny mode, node {line}")
     started = time.monotonic()
-    entry = wf.run_prompt(server.url, prompt, timeout=timeout)
+    entry = prompt_api.run_prompt(server.url, prompt, timeout=timeout)
     run.seconds = time.monotonic() - started
     target = out_root / run.workflow.stem
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for item in wf.output_files(entry):
+    for item in prompt_api.output_files(entry):
         if item["type"] != "output":
             continue
         path = target / item["filename"]
-        path.write_bytes(wf.download_file(server.url, item))
+        path.write_bytes(prompt_api.download_file(server.url, item))
         run.images.append(path)
 
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"running {run.workflow.name} ({mode}) ...")
                     try:
                         run_workflow(server, run, object_info, out_root, args.timeout)
-                    except (wf.WorkflowError, wf.PromptError, TimeoutError, OSError) as exc:
+                    except (wf.WorkflowError, prompt_api.PromptError, TimeoutError, OSError) as exc:
                         run.error = str(exc)
             finally:
                 server.stop()

@@ -1,8 +1,10 @@
 """The real ComfyUI server the ``server``-marked tests talk to.
 
 ``main.py`` from the provisioned ComfyUI tree runs on loopback at a free port with its own
-base directory (``models/`` with the tiny model files of ``tiny.model_files.WRITERS``,
-``input/`` with ``workflows/inputs/*``, ``custom_nodes/qkv_control`` linked to the pack),
+base directory (``models/`` with the tiny model files of ``tiny.model_files.WRITERS`` and a
+placeholder under every file name the workflows' and blueprints' core loaders use, so the
+frontend shows them as present; ``input/`` with ``workflows/inputs/*``,
+``custom_nodes/qkv_control`` linked to the pack),
 output, temp and user directories, and ``QKV_CONTROL_TINY_MODELS=1`` so the tiny loader
 nodes are registered. Started once per session by the ``comfy_server`` fixture
 (tests/conftest.py) and stopped by its PID.
@@ -10,17 +12,22 @@ nodes are registered. Started once per session by the ``comfy_server`` fixture
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkv_control.client import prompt_api
 from qkv_control.client import workflow_format as wf
 from qkv_control.client.server import ComfyServer, comfyui_path, make_base_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 WORKFLOW_INPUTS = WORKFLOWS / "inputs"
+SUBGRAPHS = ROOT / "subgraphs"
+PLACEHOLDER_TEXT = ("placeholder written by tests/server.py: the test server lists this file name, "
+                    "tiny mode replaces the loader that would read it\n")
 
 
 @dataclass
@@ -61,8 +68,6 @@ class TestServer:
     def api_prompt(self, workflow: dict | Path, tiny: bool = True) -> dict:
         """A UI- or API-format workflow (dict or file) as an API prompt, tiny loaders substituted."""
         if not isinstance(workflow, dict):
-            import json
-
             workflow = json.loads(Path(workflow).read_text())
         prompt = wf.ui_to_api(workflow, self.object_info())
         if tiny:
@@ -71,12 +76,28 @@ class TestServer:
 
     def run(self, workflow: dict | Path, tiny: bool = True, timeout: float = 600) -> dict:
         """Run a workflow to completion; returns the /history entry (raises PromptError on failure)."""
-        return wf.run_prompt(self.url, self.api_prompt(workflow, tiny=tiny), timeout=timeout)
+        return prompt_api.run_prompt(self.url, self.api_prompt(workflow, tiny=tiny), timeout=timeout)
 
     def output_paths(self, entry: dict) -> list[Path]:
         """Files a finished prompt wrote into the output directory."""
         return [self.output_directory / f["subfolder"] / f["filename"]
-                for f in wf.output_files(entry) if f["type"] == "output"]
+                for f in prompt_api.output_files(entry) if f["type"] == "output"]
+
+
+def write_placeholder_models(models: Path, object_info: dict) -> list[Path]:
+    """A placeholder file for every model file a workflow or blueprint names in a core loader
+    that tiny mode replaces (a real model file name the test server has no file for)."""
+    written = []
+    for path in sorted(WORKFLOWS.glob("*.json")) + sorted(SUBGRAPHS.glob("*.json")):
+        prompt = wf.ui_to_api(json.loads(path.read_text()), object_info)
+        for folder, names in wf.substituted_model_files(prompt).items():
+            for name in sorted(names):
+                target = models / folder / name
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(PLACEHOLDER_TEXT)
+                    written.append(target)
+    return written
 
 
 def start_test_server(root: Path, timeout: float = 240.0) -> TestServer:
@@ -101,4 +122,10 @@ def start_test_server(root: Path, timeout: float = 240.0) -> TestServer:
     )
     started = time.monotonic()
     server.start(timeout=timeout)
+    try:
+        # ComfyUI re-lists a model folder when its modification time changes: no restart needed.
+        write_placeholder_models(models, wf.fetch_object_info(server.url))
+    except BaseException:
+        server.stop()
+        raise
     return TestServer(server=server, root=root, startup_seconds=time.monotonic() - started)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qkv_control.client.queue import Sweep, UsageError, parse_values
+from qkv_control.client.downloads import relative_output_path, save_output
+from qkv_control.client.prompt_api import history_entry
+from qkv_control.client.sweep import Axis, Sweep, UsageError, parse_values
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "workflows" / "baseline_txt2img.json"
@@ -29,7 +31,7 @@ def test_parse_values():
 
 
 def test_sweep_product_and_zip():
-    sweep = Sweep(axes={"K.seed": ("5", "seed", [1, 2, 3], False), "P.text": ("6", "text", ["a", "b"], False)})
+    sweep = Sweep(axes={"K.seed": Axis((("5", "seed"),), [1, 2, 3]), "P.text": Axis((("6", "text"),), ["a", "b"])})
     items = sweep.items()
     assert len(items) == 6 and {"K.seed": 3, "P.text": "b"} in items
     with pytest.raises(UsageError):
@@ -94,8 +96,9 @@ def test_sweep_interrupted_and_resumed(comfy_server, tmp_path):
 
 @pytest.mark.server
 def test_failures_exit_nonzero_with_summary(comfy_server, tmp_path):
-    # No tiny substitution: the checkpoint file does not exist, so the server rejects every item.
+    # No tiny substitution and a checkpoint the server does not have: it rejects every item.
     cmd = [a for a in _cli(comfy_server.url, tmp_path / "bad") if a != "--tiny"]
+    cmd += ["--set", "Load Checkpoint.ckpt_name=qkv_no_such_checkpoint.safetensors"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "6 item(s) failed" in result.stdout
@@ -142,3 +145,93 @@ def test_image_folder_is_uploaded_and_swept(comfy_server, tmp_path):
         got = np.asarray(Image.open(out / output).convert("RGB"))
         # ComfyUI rounds down when it converts back to 8 bits: off by at most one.
         np.testing.assert_allclose(got.astype(int), 255 - originals[source].astype(int), atol=1)
+
+
+@pytest.mark.parametrize("output, expected", [
+    ({"subfolder": "", "filename": "a.png"}, "007_a.png"),
+    ({"subfolder": "left", "filename": "a.png"}, "left/007_a.png"),
+    ({"subfolder": "left/deeper", "filename": "a.png"}, "left/deeper/007_a.png"),
+    ({"subfolder": "../x", "filename": "a.png"}, "x/007_a.png"),
+    ({"subfolder": "../../..", "filename": "a.png"}, "007_a.png"),
+    ({"subfolder": "/etc/cron.d", "filename": "a.png"}, "etc/cron.d/007_a.png"),
+    ({"subfolder": "C:\\Windows\\..\\System32", "filename": "a.png"}, "C_/Windows/System32/007_a.png"),
+    ({"subfolder": "ok", "filename": "../../evil.png"}, "ok/007_evil.png"),
+])
+def test_output_paths_keep_the_subfolder_and_stay_inside(output, expected):
+    assert relative_output_path(output, prefix="007_").as_posix() == expected
+
+
+def test_saving_never_overwrites_and_never_leaves_the_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    first = save_output(out, relative_output_path({"subfolder": "s", "filename": "a.png"}), b"first")
+    second = save_output(out, relative_output_path({"subfolder": "s", "filename": "a.png"}), b"second")
+    assert (first.as_posix(), second.as_posix()) == ("s/a.png", "s/a_2.png")
+    assert (out / "s" / "a.png").read_bytes() == b"first" and (out / "s" / "a_2.png").read_bytes() == b"second"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (out / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OSError, match="outside"):
+        save_output(out, relative_output_path({"subfolder": "link", "filename": "a.png"}), b"x")
+    assert not any(outside.iterdir())
+
+
+@pytest.mark.server
+def test_same_names_in_different_subfolders_are_both_kept(comfy_server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "indetail_reference.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "left/same"}},
+        "3": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "right/same"}},
+    }
+    workflow_path = tmp_path / "two_subfolders_api.json"
+    workflow_path.write_text(json.dumps(workflow))
+    out = tmp_path / "kept"
+    # A file of the user's where the first output would go: it must survive the run untouched.
+    (out / "left").mkdir(parents=True)
+    users_file = out / "left" / "000_same_00001_.png"
+    users_file.write_bytes(b"the user's own file")
+    result = subprocess.run([sys.executable, "-m", "client.queue", str(workflow_path), "--out", str(out),
+                             "--server", comfy_server.url], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (item,) = _manifest_items(out)
+    files = sorted(item["files"])
+    assert [Path(f).parent.as_posix() for f in files] == ["left", "right"], files
+    assert users_file.read_bytes() == b"the user's own file"
+    left, right = (np.asarray(Image.open(out / f).convert("RGB"), dtype=int) for f in files)
+    # The image and its inverse (ComfyUI rounds down converting back to 8 bits: off by at most one).
+    np.testing.assert_allclose(left + right, np.full_like(left, 255), atol=1)
+    assert left.std() > 1.0
+
+
+@pytest.mark.server
+def test_blueprint_widget_sweep_sets_every_input_it_feeds(comfy_server, tmp_path):
+    # A saved workflow with the InDetail-IP blueprint in it: sweeping the subgraph node's `steps`
+    # must change the DDIM inversion and the sampler together (one schedule), as the node does.
+    from qkv_control.client.blueprints import wrap_in_blueprint
+
+    info = comfy_server.object_info()
+    blueprint = json.loads((ROOT / "subgraphs" / "QKV Image Prompt (InDetail-IP).json").read_text())
+    source = json.loads((ROOT / "workflows" / "indetail_ip_image_variation.json").read_text())
+    workflow_path = tmp_path / "with_blueprint.json"
+    workflow_path.write_text(json.dumps(wrap_in_blueprint(source, blueprint, info)))
+    node = "QKV Image Prompt (InDetail-IP)"
+    out = tmp_path / "blueprint_sweep"
+    result = subprocess.run([sys.executable, "-m", "client.queue", str(workflow_path), "--out", str(out), "--tiny",
+                             "--server", comfy_server.url, "--set", f"{node}.steps=2..3",
+                             "--set", f"{node}.width=128", "--set", f"{node}.height=128"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    items = _manifest_items(out)
+    assert sorted(i["params"][f"{node}.steps"] for i in items) == [2, 3]
+    for item in items:
+        entry = history_entry(comfy_server.url, item["prompt_id"])
+        prompt = entry["prompt"][2]
+        steps = {n["class_type"]: n["inputs"]["steps"] for n in prompt.values() if "steps" in n["inputs"]}
+        assert steps == {"QKVDDIMInversion": item["params"][f"{node}.steps"],
+                         "KSamplerAdvanced": item["params"][f"{node}.steps"]}, steps
+        assert all(":" in key for key, n in prompt.items() if n["class_type"] == "QKVDDIMInversion")
+        assert (out / item["files"][0]).is_file()

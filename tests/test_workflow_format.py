@@ -1,17 +1,32 @@
-"""UI -> API conversion and tiny substitution (client/workflow_format.py), without a server.
+"""UI -> API conversion, subgraph expansion and tiny substitution (client/workflow_format.py,
+client/subgraphs.py), without a server.
 
-The object_info below copies the shapes ComfyUI v0.30.0 serves for these core nodes.
+The object_info below copies the shapes ComfyUI v0.30.0 serves for these core nodes. The
+expected prompts follow the frontend's rules (frontend 1.47 graphToPrompt); tests/test_browser.py
+checks the real frontend builds the same prompts.
 """
 
 from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 from qkv_control.client import workflow_format as wf
 
+
+def _fixtures():
+    spec = importlib.util.spec_from_file_location("qkv_subgraph_fixtures", Path(__file__).with_name("subgraph_fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 OBJECT_INFO = {
     "CheckpointLoaderSimple": {
-        "input": {"required": {"ckpt_name": [["a.safetensors", "sd_xl_base_1.0.safetensors"], {}]}},
+        "input": {"required": {"ckpt_name": [["a.safetensors", "sd_xl_base_1.0.safetensors",
+                                              "v1-5-pruned-emaonly.safetensors"], {}]}},
         "input_order": {"required": ["ckpt_name"]}, "output": ["MODEL", "CLIP", "VAE"], "display_name": "Load Checkpoint"},
     "KSampler": {
         "input": {"required": {
@@ -29,8 +44,24 @@ OBJECT_INFO = {
                     "output": ["IMAGE"], "display_name": "Invert Image"},
     "LoadImage": {"input": {"required": {"image": ["COMBO", {"options": ["x.png"], "image_upload": True}]}},
                   "input_order": {"required": ["image"]}, "output": ["IMAGE", "MASK"], "display_name": "Load Image"},
-    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {}]}},
-                  "input_order": {"required": ["images", "filename_prefix"]}, "output": [], "display_name": "Save"},
+    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+                  "input_order": {"required": ["images", "filename_prefix"]}, "output": [], "display_name": "Save Image"},
+    "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "input_order": {"required": ["images"]},
+                     "output": [], "display_name": "Preview Image"},
+    "CLIPTextEncode": {"input": {"required": {"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}},
+                       "input_order": {"required": ["text", "clip"]}, "output": ["CONDITIONING"],
+                       "display_name": "CLIP Text Encode (Prompt)"},
+    "EmptyLatentImage": {"input": {"required": {"width": ["INT", {"default": 512}], "height": ["INT", {"default": 512}],
+                                                "batch_size": ["INT", {"default": 1}]}},
+                         "input_order": {"required": ["width", "height", "batch_size"]}, "output": ["LATENT"],
+                         "display_name": "Empty Latent Image"},
+    "LatentUpscaleBy": {"input": {"required": {"samples": ["LATENT", {}],
+                                               "upscale_method": [["nearest-exact", "bilinear"], {}],
+                                               "scale_by": ["FLOAT", {"default": 1.5}]}},
+                        "input_order": {"required": ["samples", "upscale_method", "scale_by"]}, "output": ["LATENT"],
+                        "display_name": "Upscale Latent By"},
+    "VAEDecode": {"input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
+                  "input_order": {"required": ["samples", "vae"]}, "output": ["IMAGE"], "display_name": "VAE Decode"},
     "CLIPVisionLoader": {"input": {"required": {"clip_name": [["v.safetensors"], {}]}},
                          "input_order": {"required": ["clip_name"]}, "output": ["CLIP_VISION"]},
 }
@@ -125,3 +156,100 @@ def test_family_hint():
     assert wf.family_hint("juggernautXL_v9.safetensors") == "sdxl"
     assert wf.family_hint("v1-5-pruned-emaonly.safetensors") == "sd15"
     assert wf.family_hint("model.safetensors") is None
+
+
+def test_missing_widget_values_get_the_frontends_defaults():
+    # A widget added to a node type after the workflow was saved: the frontend fills its default.
+    workflow = {"nodes": [_node(1, "EmptyLatentImage", [256])], "links": []}
+    assert wf.ui_to_api(workflow, OBJECT_INFO)["1"]["inputs"] == {"width": 256, "height": 512, "batch_size": 1}
+    workflow = {"nodes": [_node(1, "LoadImageMask", ["x.png", "image"])], "links": []}
+    assert wf.ui_to_api(workflow, OBJECT_INFO)["1"]["inputs"] == {"image": "x.png", "channel": "alpha"}
+
+
+def test_nested_subgraphs_expand_as_the_frontend_queues_them():
+    fixtures = _fixtures()
+    assert wf.ui_to_api(fixtures.nested_subgraph_workflow(), OBJECT_INFO) == fixtures.EXPECTED_PROMPT
+
+
+def test_saved_without_unlinked_widget_inputs():
+    # The frontend saves a subgraph node without its unlinked widget inputs (and renumbers the
+    # link slots); the values are still read from widgets_values, in definition order.
+    fixtures = _fixtures()
+    workflow = fixtures.nested_subgraph_workflow()
+    for node in workflow["nodes"]:
+        if node["type"] == fixtures.OUTER_ID:
+            node["inputs"] = [i for i in node["inputs"] if "widget" not in i or i["link"] is not None]
+            for link in workflow["links"]:
+                if link[3] == node["id"]:
+                    link[4] = next(k for k, i in enumerate(node["inputs"]) if i["link"] == link[0])
+    assert wf.ui_to_api(workflow, OBJECT_INFO) == fixtures.EXPECTED_PROMPT
+
+
+def test_subgraph_errors_are_named():
+    fixtures = _fixtures()
+    workflow = fixtures.nested_subgraph_workflow()
+    inner = workflow["definitions"]["subgraphs"][1]
+    inner["nodes"][0]["type"] = "QKVNotInstalled"
+    with pytest.raises(wf.WorkflowError, match="QKVNotInstalled"):
+        wf.ui_to_api(workflow, OBJECT_INFO)
+
+    workflow = fixtures.nested_subgraph_workflow()
+    inner = workflow["definitions"]["subgraphs"][1]
+    inner["nodes"].append({**copy.deepcopy(inner["nodes"][0]), "id": 50, "type": fixtures.OUTER_ID, "inputs": []})
+    with pytest.raises(wf.WorkflowError, match="contains itself"):
+        wf.ui_to_api(workflow, OBJECT_INFO)
+
+    workflow = fixtures.nested_subgraph_workflow()
+    workflow["nodes"][1]["properties"]["proxyWidgets"] = [["1", "text"]]
+    with pytest.raises(wf.WorkflowError, match="proxyWidgets"):
+        wf.ui_to_api(workflow, OBJECT_INFO)
+
+
+def test_tiny_substitution_inside_a_subgraph():
+    # The checkpoint loader inside the subgraph is replaced, and the links to it follow.
+    fixtures = _fixtures()
+    workflow = fixtures.nested_subgraph_workflow()
+    outer = workflow["definitions"]["subgraphs"][0]
+    loader = {"id": 40, "type": "CheckpointLoaderSimple", "mode": 0, "inputs": [],
+              "outputs": [{"name": "MODEL", "type": "MODEL", "links": [140]}],
+              "widgets_values": ["sd_xl_base_1.0.safetensors"], "properties": {}}
+    outer["nodes"].append(loader)
+    outer["links"] = [link for link in outer["links"] if link["id"] != 107]
+    outer["links"].append({"id": 140, "origin_id": 40, "origin_slot": 0, "target_id": 6, "target_slot": 0,
+                           "type": "MODEL"})
+    next(n for n in outer["nodes"] if n["id"] == 6)["inputs"][0]["link"] = 140
+    prompt = wf.ui_to_api(workflow, OBJECT_INFO)
+    assert prompt["10:40"]["class_type"] == "CheckpointLoaderSimple"
+    # Inner's node 1 is renumbered after the highest id seen so far (40), as the frontend does.
+    assert prompt["10:6:41"]["inputs"]["model"] == ["10:40", 0]
+    tiny, replaced = wf.apply_tiny_substitutions(prompt)
+    assert tiny["10:40"] == {"class_type": "QKVTinyCheckpointLoader", "inputs": {"family": "sdxl", "seed": 0},
+                             "_meta": {"title": "Load Checkpoint"}}
+    assert "10:40: CheckpointLoaderSimple -> QKVTinyCheckpointLoader" in replaced
+    table = {"CheckpointLoaderSimple": wf.TinySubstitute("Swapped", lambda inputs, family: {}, (2, 1, 0))}
+    swapped, _ = wf.apply_tiny_substitutions(prompt, substitutes=table)
+    assert swapped["10:6:41"]["inputs"]["model"] == ["10:40", 2]
+    assert swapped["13:6:41"]["inputs"]["model"] == ["13:40", 2]  # both instances share the definition
+    assert wf.substituted_model_files(prompt) == {
+        "checkpoints": {"v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"}}
+
+
+def test_promoted_widgets_name_every_input_they_feed():
+    from qkv_control.client.sweep import UsageError, build_sweep
+
+    fixtures = _fixtures()
+    expansion = wf.expand_workflow(fixtures.nested_subgraph_workflow(), OBJECT_INFO)
+    assert expansion.prompt == fixtures.EXPECTED_PROMPT
+    targets = {(w.node_id, w.name): w.targets for w in expansion.promoted}
+    # Instance 10's seed reaches the KSampler two levels down; 13's seed comes from a Primitive
+    # outside, so it is no widget value; the nested instance's own steps widget feeds both.
+    assert targets == {("10", "text"): (("10:18", "text"),), ("10", "seed"): (("10:6:19", "seed"),),
+                       ("13", "text"): (("13:18", "text"),),
+                       ("10:6", "steps"): (("10:6:19", "steps"),), ("13:6", "steps"): (("13:6:19", "steps"),)}
+    sweep = build_sweep(expansion.prompt, ["10.seed=1..2", "13.text=[\"a\", \"b\"]"], [], OBJECT_INFO,
+                        promoted=expansion.promoted)
+    assert sweep.axes["10.seed"].targets == (("10:6:19", "seed"),)
+    with pytest.raises(UsageError, match="ambiguous"):
+        build_sweep(expansion.prompt, ["Outer.seed=1"], [], OBJECT_INFO, promoted=expansion.promoted)
+    with pytest.raises(UsageError, match="widgets: seed, text"):
+        build_sweep(expansion.prompt, ["10.cfg=1"], [], OBJECT_INFO, promoted=expansion.promoted)

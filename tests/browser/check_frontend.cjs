@@ -5,6 +5,9 @@
 //   node check_frontend.cjs CONFIG.json
 //
 // CONFIG: {url, pack, extension, nodes: [{name, display_name, description}], workflows: [name],
+//          blueprints: [{name, category, sources: {id: {type, title, widgets}}, links: [[source, slot, input]], widgets: {name: value},
+//                        output, prefix, screenshot}],
+//          graphs: [{name, workflow}], searches: [{query, expect}], error_check: {workflow, node, widget, value},
 //          screenshot_dir, result_path, chromium, user_data_dir}
 "use strict";
 
@@ -17,6 +20,9 @@ const CHROMIUM_ARGS = [
   "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
 ];
 const VIEWPORT = { width: 1920, height: 1200 };
+// The frontend checks model files and media after a graph loads, asynchronously: wait this long
+// before reading its error outlines (the outline self-check proves it is long enough).
+const ERROR_SCAN_MS = 1500;
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const packPrefix = `/extensions/${config.pack}/`;
@@ -29,6 +35,9 @@ const result = {
   search: {},
   styles: {},
   workflows: {},
+  blueprints: {},
+  graphs: {},
+  alias_searches: [],
   screenshots: [],
   timings: {},
   fatal: null,
@@ -81,7 +90,7 @@ async function screenshot(page, name) {
 }
 
 async function closeDialogs(page) {
-  for (let i = 0; i < 3 && (await page.locator(".p-dialog").count()); i++) {
+  for (let i = 0; i < 3 && (await page.locator(".p-dialog, [data-testid=dialog-overlay]").count()); i++) {
     await page.keyboard.press("Escape");
     await page.waitForTimeout(200);
   }
@@ -109,19 +118,23 @@ async function openSearchBox(page) {
   return false;
 }
 
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+// The result row of the node called `wanted` (a row starts with the node's display name; a
+// blueprint whose name contains it is another row).
 async function searchFor(page, query, wanted, timeout) {
   if (!(await openSearchBox(page))) return null;
   await page.keyboard.type(query, { delay: 5 });
   const items = page.getByTestId("result-item");
   try {
-    await items.filter({ hasText: wanted }).first().waitFor({ timeout });
+    await items.filter({ hasText: new RegExp(`^\\s*${escapeRegExp(wanted)}`) }).first().waitFor({ timeout });
   } catch {
     await page.keyboard.press("Escape");
     return null;
   }
   const texts = (await items.allInnerTexts()).map(squash);
   await page.keyboard.press("Escape");
-  return texts.find((text) => text.includes(wanted)) ?? null;
+  return texts.find((text) => text.startsWith(wanted)) ?? null;
 }
 
 async function checkSearch(page, node) {
@@ -163,10 +176,49 @@ async function checkStyle(page, node) {
 
 async function fitView(page) {
   await page.evaluate(() => {
+    if (!window.app.graph.nodes.length) return;  // the frontend answers an empty canvas with an error toast
     window.app.canvas.deselectAll?.();
     return window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
   }).catch(() => {});
   await page.waitForTimeout(600);
+}
+
+// Nodes the canvas outlines in red (missing model, missing media, node errors), subgraphs included.
+async function errorOutlines(page) {
+  return page.evaluate(() => {
+    const found = [];
+    const walk = (graph, path) => {
+      for (const node of graph.nodes ?? []) {
+        const id = [...path, node.id].join(":");
+        if (node.has_errors) found.push({ id, type: node.type, title: node.title });
+        if (node.subgraph) walk(node.subgraph, [...path, node.id]);
+      }
+    };
+    walk(window.app.graph, []);
+    return found;
+  });
+}
+
+async function missingTypes(page) {
+  return page.evaluate(() => {
+    const missing = [];
+    const walk = (graph) => {
+      for (const node of graph.nodes ?? []) {
+        if (!node.subgraph && !window.LiteGraph.registered_node_types[node.type]) missing.push(node.type);
+        if (node.subgraph) walk(node.subgraph);
+      }
+    };
+    walk(window.app.graph);
+    return missing;
+  });
+}
+
+// What the frontend would queue and what it would save (Export), for the CLI to be compared with.
+async function capturePrompt(page) {
+  return page.evaluate(async () => {
+    const { workflow, output } = await window.app.graphToPrompt();
+    return { workflow, prompt: output };
+  });
 }
 
 async function openTemplate(page, name) {
@@ -215,8 +267,160 @@ async function checkWorkflow(page, name) {
     if (/missing node/i.test(entry.error_overlay)) entry.missing_toast = entry.error_overlay;
     await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
   }
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  entry.error_outlines = await errorOutlines(page);
+  Object.assign(entry, await capturePrompt(page));
   await fitView(page);
   await screenshot(page, `workflow_${name}`);
+  return entry;
+}
+
+// Proves the error-outline check can fail: a workflow naming a model file the server does not
+// have must show the outline on that loader.
+async function checkErrorOutlineDetection(page, check) {
+  const workflow = JSON.parse(JSON.stringify(check.workflow));
+  const node = workflow.nodes.find((n) => n.id === check.node);
+  node.widgets_values[0] = check.value;
+  await page.evaluate((wf) => window.app.loadGraphData(wf), workflow);
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  const overlay = page.getByTestId("error-overlay");
+  if (await overlay.count()) await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
+  return { error_outlines: await errorOutlines(page), node: check.node };
+}
+
+async function checkGraph(page, graph) {
+  await page.evaluate((wf) => window.app.loadGraphData(wf), graph.workflow);
+  await page.waitForTimeout(ERROR_SCAN_MS);
+  const entry = { missing_types: await missingTypes(page), error_outlines: await errorOutlines(page) };
+  const overlay = page.getByTestId("error-overlay");
+  if (await overlay.count()) await overlay.first().getByRole("button", { name: "Close" }).click().catch(() => {});
+  return Object.assign(entry, await capturePrompt(page));
+}
+
+async function openNodeLibrary(page) {
+  await closeDialogs(page);
+  if (!(await page.getByText("Comfy Blueprints", { exact: true }).count())) {
+    await page.locator(".side-tool-bar-container").getByText("Nodes", { exact: true }).click();
+    await page.getByText("Comfy Blueprints", { exact: true }).waitFor({ timeout: 20000 });
+  }
+}
+
+async function closeNodeLibrary(page) {
+  if (await page.getByText("Comfy Blueprints", { exact: true }).count()) {
+    await page.locator(".side-tool-bar-container").getByText("Nodes", { exact: true }).click();
+    await page.waitForTimeout(300);
+  }
+}
+
+// The blueprint from the node library (Subgraph Blueprints > Comfy Blueprints > the pack's
+// category), dragged onto the canvas as a user does, wired to loaders and a SaveImage, run-ready.
+async function checkBlueprint(page, blueprint) {
+  const entry = { in_library: false, dropped: false, missing_types: [], error_outlines: [] };
+  await closeDialogs(page);
+  // A new empty graph (not graph.clear(), which keeps the image previews of the old node ids).
+  await page.evaluate(() => window.app.loadGraphData(
+    { last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4 }));
+  await openNodeLibrary(page);
+  const item = page.getByRole("treeitem").filter({ hasText: blueprint.name }).first();
+  if (!(await item.count())) {
+    const blueprints = page.getByRole("treeitem").filter({ hasText: "Comfy Blueprints" }).first();
+    if ((await blueprints.getAttribute("aria-expanded")) !== "true") await blueprints.click();
+    const folder = page.getByRole("treeitem").filter({ hasText: blueprint.category }).first();
+    await folder.waitFor({ timeout: 10000 });
+    if ((await folder.getAttribute("aria-expanded")) !== "true") await folder.click();
+  }
+  try {
+    await item.waitFor({ timeout: 10000 });
+  } catch {
+    entry.library_items = (await page.getByRole("treeitem").allInnerTexts()).map(squash).slice(0, 60);
+    return entry;
+  }
+  entry.in_library = true;
+  entry.library_path = await item.evaluate((el) => {
+    const level = Number(el.getAttribute("aria-level"));
+    const path = [];
+    for (let e = el.previousElementSibling, want = level - 1; e && want > 0; e = e.previousElementSibling) {
+      if (Number(e.getAttribute("aria-level")) === want) { path.unshift(e.innerText.trim()); want--; }
+    }
+    return path;
+  });
+  await item.dragTo(page.locator("#graph-canvas"), { targetPosition: { x: 1100, y: 500 } });
+  await page.waitForTimeout(1000);
+  const wired = await page.evaluate((bp) => {
+    const graph = window.app.graph;
+    const node = graph.nodes.find((n) => n.subgraph && n.title === bp.name);
+    if (!node) return { dropped: false, types: graph.nodes.map((n) => n.type) };
+    const sources = {};
+    for (const [id, spec] of Object.entries(bp.sources)) {
+      const source = window.LiteGraph.createNode(spec.type);
+      if (spec.title) source.title = spec.title;
+      graph.add(source);
+      for (const [name, value] of Object.entries(spec.widgets)) {
+        const widget = source.widgets?.find((w) => w.name === name);
+        if (widget) widget.value = value;
+      }
+      sources[id] = source;
+    }
+    const unwired = [];
+    for (const [id, slot, input] of bp.links) {
+      const index = node.inputs.findIndex((i) => i.name === input);
+      if (index < 0) unwired.push(input);
+      else sources[id].connect(slot, node, index);
+    }
+    const save = window.LiteGraph.createNode("SaveImage");
+    graph.add(save);
+    save.widgets.find((w) => w.name === "filename_prefix").value = bp.prefix;
+    node.connect(node.outputs.findIndex((o) => o.name === bp.output), save, 0);
+    return { dropped: true, unwired, title: node.title, widgets: (node.widgets ?? []).map((w) => w.name) };
+  }, blueprint);
+  Object.assign(entry, wired);
+  if (!entry.dropped) return entry;
+  await closeNodeLibrary(page);
+  await page.waitForTimeout(ERROR_SCAN_MS);  // image previews load and resize their nodes
+  // Loaders in columns left of the subgraph node (nearest column first), the SaveImage right of
+  // it: the screenshot shows the blueprint with its own defaults, as a user sees it after dropping it.
+  await page.evaluate((name) => {
+    const graph = window.app.graph;
+    const node = graph.nodes.find((n) => n.subgraph && n.title === name);
+    const columns = [[]];
+    let height = 0;
+    for (const other of graph.nodes) {
+      if (other === node) continue;
+      if (other.type === "SaveImage") { other.pos = [node.pos[0] + node.size[0] + 120, node.pos[1]]; continue; }
+      // Image loaders grow when their preview arrives: leave room for it.
+      if (other.widgets?.some((w) => w.name === "image")) other.setSize([Math.max(other.size[0], 320), Math.max(other.size[1], 400)]);
+      if (height > 0 && height + other.size[1] > 900) { columns.push([]); height = 0; }
+      columns.at(-1).push(other);
+      height += other.size[1] + 70;
+    }
+    let right = node.pos[0] - 120;
+    for (const column of columns) {
+      const width = Math.max(...column.map((n) => n.size[0]));
+      let y = node.pos[1];
+      for (const other of column) {
+        other.pos = [right - width, y];
+        y += other.size[1] + 70;
+      }
+      right -= width + 80;
+    }
+    graph.setDirtyCanvas(true, true);
+  }, blueprint.name);
+  await page.waitForTimeout(500);  // a frame, so the moved nodes' bounds are current for the fit
+  await fitView(page);
+  if (blueprint.screenshot) await screenshot(page, blueprint.screenshot);
+  entry.unset = await page.evaluate((bp) => {
+    const node = window.app.graph.nodes.find((n) => n.subgraph && n.title === bp.name);
+    const unset = [];
+    for (const [name, value] of Object.entries(bp.widgets)) {
+      const widget = node.widgets?.find((w) => w.name === name);
+      if (widget) widget.value = value;
+      else unset.push(name);
+    }
+    return unset;
+  }, blueprint);
+  entry.missing_types = await missingTypes(page);
+  entry.error_outlines = await errorOutlines(page);
+  Object.assign(entry, await capturePrompt(page));
   return entry;
 }
 
@@ -304,11 +508,32 @@ async function main() {
       await screenshot(page, "pack_nodes");
     });
 
+    await timed("alias_searches", async () => {
+      for (const search of config.searches ?? []) {
+        const match = await searchFor(page, search.query, search.expect, 10000);
+        result.alias_searches.push({ ...search, found: match !== null, result_text: match ?? "" });
+      }
+    });
+
     await timed("workflows", async () => {
-      for (const name of config.workflows) result.workflows[name] = await checkWorkflow(page, name);
+      for (const name of config.workflows) {
+        const start = Date.now();
+        result.workflows[name] = await checkWorkflow(page, name);
+        result.workflows[name].seconds = (Date.now() - start) / 1000;
+      }
       if (config.workflows.length) {
         result.missing_node_self_check = await checkMissingNodeDetection(page, config.workflows[0]);
       }
+      if (config.error_check) result.error_outline_self_check = await checkErrorOutlineDetection(page, config.error_check);
+    });
+
+    await timed("blueprints", async () => {
+      for (const blueprint of config.blueprints ?? []) result.blueprints[blueprint.name] = await checkBlueprint(page, blueprint);
+      await closeNodeLibrary(page);
+    });
+
+    await timed("graphs", async () => {
+      for (const graph of config.graphs ?? []) result.graphs[graph.name] = await checkGraph(page, graph);
     });
   } catch (error) {
     result.fatal = String(error.stack ?? error).slice(0, 4000);
