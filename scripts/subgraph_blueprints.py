@@ -70,7 +70,7 @@ SPECS: dict[str, tuple[str, BlueprintSpec]] = {
                      "self-attention through Stratified Attention, then KV concatenation; conflict-free guidance "
                      "keeps it out of the negative CFG branch; AdaIN noise starts from the reference's statistics. "
                      "Leave the inversion prompt empty for cross-prompt generation."),
-        category=CATEGORY, inner=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
+        category=CATEGORY, inner=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16),
         inputs={**MODEL_CLIP_VAE, (2, 0): "reference_image"}, outputs={(13, 0): "IMAGE"},
         promotions=(Promotion("positive", ((4, "text"),)), Promotion("negative", ((5, "text"),)),
                     Promotion("inversion_prompt", ((6, "text"),)), Promotion("schedule", ((8, "schedule"),)),
