@@ -12,10 +12,14 @@ Also: the inversion (1 row per step) and its cached second run.
 
 from __future__ import annotations
 
+import os
+
 
 from common import argument_parser, bootstrap, measure, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
+# The rows a first run computes (the cold path); benchmarks/kv_bank.py measures the K/V bank.
+os.environ.setdefault("QKV_KV_BANK_MB", "0")
 
 import torch  # noqa: E402
 

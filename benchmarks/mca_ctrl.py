@@ -14,12 +14,16 @@ Inversions run before timing (they are cached per image in real use). Prints rat
 
 from __future__ import annotations
 
+import os
+
 
 import time
 
 from common import PeakMemory, argument_parser, bootstrap, memory_columns, print_table, random_full_size_sd15
 
 bootstrap()
+# The rows a first run computes (the cold path); benchmarks/kv_bank.py measures the K/V bank.
+os.environ.setdefault("QKV_KV_BANK_MB", "0")
 
 import torch  # noqa: E402
 

@@ -21,9 +21,10 @@ the steps (``rows_without_control``), as the official code does with ControlNet 
 ``unet_forward`` zeroes the negative half's residuals for ``cur_tsidx < gm_end_tsidx``, 10 of
 50 steps: the default 0.2).
 
-Where the reference K/V come from is a detail (design note 5): ``_reference_kv`` takes them
-from this call's reference rows and keeps them for the step, so a later call at the same
-sigma (cond and uncond in separate calls) reuses them instead of appending the row again.
+Where the reference K/V come from is a detail (design note 5): one ``inversion.reference_kv.
+ReferenceKV`` per stream says whether a call must run the reference row (not when the K/V bank
+holds the step, or an earlier call at the same sigma computed it: cond and uncond in separate
+calls) and gives ``_reference_kv`` the layer's K/V, from this call's rows or from what it holds.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import torch
 from ..attention import fusion_schedule as fs
 from ..attention.kv_modes import kv_concat, kv_replace, reference_tokens, stratified_attention
 from ..attention.layers import select_layers
-from ..attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND
+from ..attention.rows import ROLE_REFERENCE, ROLE_UNCOND
 from ..attention.step_window import StepWindow
+from ..inversion.reference_kv import FIELDS_KV, ReferenceKV
 from ..inversion.result import InversionResult
 from ..inversion.stream import InvertedStream
 from ..patching.control import AttentionCall, AttentionControl, ModelCall
@@ -50,21 +52,6 @@ ROLE_NEGATIVE_REFERENCE = "negative_reference"
 DEFAULT_BLOCKS = "output"
 # The official ControlNet configuration: gm_end_tsidx 10 of 50 steps without ControlNet in the negative half.
 DEFAULT_NEGATIVE_CONTROL_UNTIL = 0.2
-# Two sigmas within this relative distance are the same step of the run.
-_SAME_SIGMA = 1e-6
-
-
-def _same_sigma(a: float, b: float) -> bool:
-    return abs(a - b) <= _SAME_SIGMA * max(1.0, abs(b))
-
-
-@dataclass
-class _StepKV:
-    """A stream's K/V at one sigma, per layer key: kept when cond and uncond of one step come
-    in separate calls, so the later call reuses them instead of appending the row again."""
-
-    sigma: float
-    by_layer: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,7 +59,7 @@ class _Scratch:
     layers: frozenset                             # keys of the layers this control acts on
     negative_stream: Optional[InvertedStream]     # what the negative rows see, if not the reference row
     shared: bool = False                          # the negative rows see the (positive) reference row
-    kv: dict = field(default_factory=dict)        # stream role -> _StepKV
+    kv: dict = field(default_factory=dict)        # stream role -> ReferenceKV
 
 
 class ReferenceAttentionControl(AttentionControl):
@@ -115,8 +102,16 @@ class ReferenceAttentionControl(AttentionControl):
         elif policy.mode == BOTH and self.inversion.negative_reference is not None:
             negative = InvertedStream(self.inversion.negative_reference, ROLE_NEGATIVE_REFERENCE,
                                       label="InDetail-IP negative-branch reference")
-        return _Scratch(layers=run.layers_of(self), negative_stream=negative,
-                        shared=policy.mode == BOTH and negative is None)
+        scratch = _Scratch(layers=run.layers_of(self), negative_stream=negative,
+                           shared=policy.mode == BOTH and negative is None)
+
+        def needs(sigma):  # every layer's K/V at a step that reads the reference
+            return {} if self.mode_at(run, sigma) == fs.NONE else dict.fromkeys(scratch.layers, FIELDS_KV)
+
+        scratch.kv[ROLE_REFERENCE] = ReferenceKV(run, self.stream, needs)
+        if negative is not None:
+            scratch.kv[ROLE_NEGATIVE_REFERENCE] = ReferenceKV(run, negative, needs)
+        return scratch
 
     def end_sigma(self, run) -> Optional[float]:
         """The inversion's clean level (sigma_min, the official ᾱ₀), or None for a clean level 0."""
@@ -136,11 +131,6 @@ class ReferenceAttentionControl(AttentionControl):
         return call.layout.indices(ROLE_UNCOND)
 
     # ------------------------------------------------------------ extra rows
-    @staticmethod
-    def _has_kv(scratch: _Scratch, role: str, sigma: float) -> bool:
-        entry = scratch.kv.get(role)
-        return entry is not None and _same_sigma(entry.sigma, sigma) and len(entry.by_layer) >= len(scratch.layers)
-
     def extra_rows(self, call: ModelCall):
         run = call.run
         scratch: _Scratch = run.scratch(self)
@@ -150,35 +140,20 @@ class ReferenceAttentionControl(AttentionControl):
         seeing = run.image_prompt_rows(call.layout)
         rows = []
         needs_ref = bool(seeing.positive) or (bool(seeing.negative) and scratch.shared)
-        if needs_ref and not self._has_kv(scratch, ROLE_REFERENCE, sigma):
+        if needs_ref and scratch.kv[ROLE_REFERENCE].needs_row(call):
             rows += self.stream.rows_for(call)
         negative = scratch.negative_stream if seeing.negative else None
-        if negative is not None and not self._has_kv(scratch, ROLE_NEGATIVE_REFERENCE, sigma):
+        if negative is not None and scratch.kv[ROLE_NEGATIVE_REFERENCE].needs_row(call):
             rows += negative.rows_for(call)
         return rows
 
     # -------------------------------------------------------------- attention
     def _reference_kv(self, call: AttentionCall, role: str, k, v):
-        """Reference K/V [R, N, D] of this layer at this sigma: from this call's rows (kept for
-        the step), else kept from an earlier call at the same sigma, else None."""
-        scratch: _Scratch = call.run.scratch(self)
-        sigma = call.sigma_value
-        rows = call.layout.indices(role, self.name)
-        if rows:
-            index = torch.tensor(rows, device=k.device)
-            kv = (k.index_select(0, index), v.index_select(0, index))
-            # Kept for a later call at this sigma only when this call does not hold the whole
-            # CFG step (cond and uncond in separate calls): saves the memory otherwise.
-            if not (call.layout.has(ROLE_COND) and call.layout.has(ROLE_UNCOND)):
-                entry = scratch.kv.get(role)
-                if entry is None or entry.sigma != sigma:
-                    entry = scratch.kv[role] = _StepKV(sigma)
-                entry.by_layer[call.layer.key] = kv
-            return kv
-        entry = scratch.kv.get(role)
-        if entry is not None and _same_sigma(entry.sigma, sigma):
-            return entry.by_layer.get(call.layer.key)
-        return None
+        """Reference K/V [R, N, D] of this layer at this sigma (this call's rows, the K/V bank or
+        an earlier call at the same sigma), else None."""
+        source: ReferenceKV = call.run.scratch(self).kv[role]
+        taken = source.take(call, call.layout.indices(role, self.name), None, k, v)
+        return None if taken is None else (taken.k, taken.v)
 
     def _groups(self, call: AttentionCall, k, v):
         """(target rows, (reference K, reference V)) per group of rows that see an image prompt

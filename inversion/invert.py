@@ -31,13 +31,13 @@ import comfy.samplers
 import comfy.utils
 from comfy.patcher_extension import WrappersMP
 
-from ..patching import keys
 from ..families.base import model_config_of
 from ..families.registry import family_of
 from ..patching.model_info import model_family
 from ..patching.patch import add_outermost_wrapper, without_controls
 from . import flow
 from .chain import InvertedChain
+from .fingerprint import hash_conditioning, hash_tensor, model_fingerprint
 from .ddim import ddim_step, eps_from_denoised, inversion_input_scale, vp_scale
 from .result import InversionResult
 
@@ -113,62 +113,17 @@ def empty_conditioning(model):
     return family_of(model).empty_conditioning(model_config_of(model))
 
 
-def _hash_tensor(h, tensor) -> None:
-    t = tensor.detach().float().cpu().contiguous()
-    h.update(str(tuple(t.shape)).encode())
-    h.update(t.numpy().tobytes())
-
-
-def _hash_conditioning(h, conditioning) -> None:
-    for cond, extra in conditioning:
-        _hash_tensor(h, cond)
-        for name in sorted(extra):
-            value = extra[name]
-            h.update(name.encode())
-            if torch.is_tensor(value):
-                _hash_tensor(h, value)
-            elif isinstance(value, (int, float, str, bool, type(None))):
-                h.update(repr(value).encode())
-            else:
-                h.update(type(value).__name__.encode())
-
-
 def cache_key(model, samples: torch.Tensor, sigmas: torch.Tensor, conditioning,
               clean_level: str = DEFAULT_CLEAN_LEVEL) -> str:
-    """Content key: image latent, schedule and clean level, prompt, and the model's weight
-    patches (LoRA ...)."""
+    """Content key: image latent, schedule and clean level, prompt, and the model's patches
+    (weight patches such as a LoRA, object patches, other nodes' callables: ``fingerprint``)."""
     h = hashlib.sha256()
-    _hash_tensor(h, samples)
-    _hash_tensor(h, sigmas)
+    hash_tensor(h, samples)
+    hash_tensor(h, sigmas)
     h.update(f"clean={clean_level}".encode())
-    _hash_conditioning(h, conditioning)
-    h.update(str(model.patches_uuid).encode())
-    h.update(repr(sorted(model.patches.keys())).encode())
-    h.update(repr(sorted(str(k) for k in model.object_patches)).encode())
-    h.update(_options_fingerprint(model.model_options).encode())
+    hash_conditioning(h, conditioning)
+    h.update(model_fingerprint(model).encode())
     return h.hexdigest()
-
-
-def _options_fingerprint(options) -> str:
-    """Identity of the callables another node patched into model_options (attention patches,
-    wrappers, cfg functions): clones share those objects, a different patch is another object.
-    This pack's own controls are stripped before inverting, so they are left out."""
-    parts = []
-
-    def walk(value, path):
-        if isinstance(value, dict):
-            for key in sorted(value, key=str):
-                if key in (keys.CONTROLS, keys.IMAGE_PROMPT_POLICY, keys.WRAPPER):
-                    continue
-                walk(value[key], f"{path}/{key}")
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{path}[{i}]")
-        elif callable(value):
-            parts.append(f"{path}={id(value)}")
-
-    walk(options, "")
-    return ";".join(parts)
 
 
 def _cached(model, key: str):

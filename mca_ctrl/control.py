@@ -20,6 +20,12 @@ otherwise (``positive_only`` / ``negative_image``: the negative branch runs plai
 stream costs one row). One image at CFG: replacement 6 rows per step (official 6),
 generation 4 (official 4); conflict-free 4 and 3. Outside the scheduled steps no row is
 appended and every layer runs plain attention.
+
+Where the streams' attention inputs come from is a detail (design note 5): one
+``inversion.reference_kv.ReferenceKV`` per (stream, CFG branch) says whether a call must run that
+row (not when the K/V bank holds the step for that branch's text) and hands ``attend`` the
+stream's keys/values, and during SAGI its queries too (SAGI is the streams' own masked attention),
+from this call's row or from the bank.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ..attention.cross_attention import word_attention_probs
 from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
 from ..attention.token_grid import token_grid
+from ..inversion.reference_kv import FIELDS_KV, FIELDS_QKV, ReferenceKV
 from ..inversion.stream import InvertedStream
 from ..patching.control import AttentionControl, ExtraRow
 from ..patching.image_prompt_policy import BOTH
@@ -100,6 +107,7 @@ class _Scratch:
     word_maps: Optional[_WordMaps] = None
     auto_version: int = 0
     warned: set = field(default_factory=set)
+    sources: dict = field(default_factory=dict)       # (stream role, branch code) -> ReferenceKV
 
 
 def new_scratch(phase_layers=None, auto_layers=frozenset(), both_branches=True) -> _Scratch:
@@ -204,7 +212,19 @@ class MCACtrl(AttentionControl):
     # --------------------------------------------------------------------- run
     def start_run(self, run) -> _Scratch:
         auto = frozenset(layer.key for layer in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
-        return new_scratch(self._phase_layers(run.layers), auto, controls_both_branches(run))
+        st = new_scratch(self._phase_layers(run.layers), auto, controls_both_branches(run))
+
+        def needs(sigma):  # SALQ reads the streams' keys/values, SAGI their queries too
+            phase = self.phase(run, sigma)
+            if phase == mca.PHASE_NONE:
+                return {}
+            return dict.fromkeys(st.phase_layers[phase], FIELDS_QKV if phase == mca.PHASE_SAGI else FIELDS_KV)
+
+        for stream in (self.subject_stream, self.scene_stream):
+            for role, code in (() if stream is None else _BRANCH_CODE.items()):
+                branch = "positive" if role == ROLE_COND else "negative"
+                st.sources[(stream.role, code)] = ReferenceKV(run, stream, needs, f"{stream.label} ({branch} text)")
+        return st
 
     def phase(self, run, sigma: float) -> str:
         """The phase MCA-Ctrl runs at ``sigma``: the schedule's, except that the automatic mask
@@ -239,11 +259,11 @@ class MCACtrl(AttentionControl):
         roles = (ROLE_COND, ROLE_UNCOND) if st.both_branches else (ROLE_COND,)
         return [i for i, row in enumerate(layout.rows) if row.is_sampler_row and row.role in roles]
 
-    def _stream_rows(self, call, stream: InvertedStream, targets: list[int]) -> list[ExtraRow]:
+    def _stream_rows(self, call, st: _Scratch, stream: InvertedStream, targets: list[int]) -> list[ExtraRow]:
         """One row of ``stream`` per CFG branch among ``targets``, with the branch's own text
-        (that of the branch's first target row; batch items share it)."""
+        (that of the branch's first target row; batch items share it), where the K/V bank does
+        not hold the step for that text."""
         stream.check_call(call)
-        x = stream.latents_for(call)
         rows = []
         for role, code in _BRANCH_CODE.items():
             first = next((t for t in targets if call.layout.rows[t].role == role), None)
@@ -252,7 +272,9 @@ class MCACtrl(AttentionControl):
             context, conds = sampler_row_text(call, first)
             if context is None:
                 context, conds = stream.inversion.context, dict(stream.inversion.conds)
-            rows.append(ExtraRow(role=stream.role, x=x[:1], context=context, conds=conds, item=code))
+            if st.sources[(stream.role, code)].needs_row(call, (context, conds)):
+                x = stream.latents_for(call)
+                rows.append(ExtraRow(role=stream.role, x=x[:1], context=context, conds=conds, item=code))
         return rows
 
     def extra_rows(self, call):
@@ -265,9 +287,9 @@ class MCACtrl(AttentionControl):
             return []
         if self.phase(run, call.sigma_value) == mca.PHASE_NONE:
             return []
-        rows = self._stream_rows(call, self.subject_stream, targets)
+        rows = self._stream_rows(call, st, self.subject_stream, targets)
         if self.scene_stream is not None:
-            rows += self._stream_rows(call, self.scene_stream, targets)
+            rows += self._stream_rows(call, st, self.scene_stream, targets)
         return rows
 
     # -------------------------------------------------------------------- masks
@@ -360,23 +382,28 @@ class MCACtrl(AttentionControl):
                            self.label, list(self.masks.auto.subject_tokens))
 
     # ---------------------------------------------------------------- attention
-    def _partner_rows(self, call, targets) -> Optional[tuple[list[int], list[int]]]:
-        """For each target row its subject row and its condition row: the stream rows of its CFG
-        branch; in generation the target row itself (official: no condition stream)."""
+    def _partners(self, call, st: _Scratch, targets, q, k, v):
+        """For each target row the subject's and the condition's ``StreamQKV``: the streams of its
+        CFG branch (this call's rows or the K/V bank); in generation the condition is the target
+        row itself (official: no condition stream), None there. None when a stream is missing."""
         layout = call.layout
-        subjects = {layout.rows[i].item: i for i in call.rows(ROLE_SUBJECT, self.name)}
-        conditions = {layout.rows[i].item: i for i in call.rows(ROLE_CONDITION, self.name)}
+        taken = {}
+
+        def inputs(stream, code):
+            if (stream.role, code) not in taken:
+                rows = [i for i in call.rows(stream.role, self.name) if layout.rows[i].item == code]
+                taken[(stream.role, code)] = st.sources[(stream.role, code)].take(call, rows, q, k, v)
+            return taken[(stream.role, code)]
+
         subject_for, condition_for = [], []
         for t in targets:
-            row = layout.rows[t]
-            s = subjects.get(_BRANCH_CODE[row.role])
-            if s is None:
+            code = _BRANCH_CODE[layout.rows[t].role]
+            subject = inputs(self.subject_stream, code)
+            condition = inputs(self.scene_stream, code) if self.scene_stream is not None else None
+            if subject is None or (self.scene_stream is not None and condition is None):
                 return None
-            c = conditions.get(_BRANCH_CODE[row.role]) if self.scene_stream is not None else t
-            if c is None:
-                return None
-            subject_for.append(s)
-            condition_for.append(c)
+            subject_for.append(subject)
+            condition_for.append(condition)
         return subject_for, condition_for
 
     def attend(self, call, q, k, v, attend_next):
@@ -389,7 +416,7 @@ class MCACtrl(AttentionControl):
         if phase == mca.PHASE_NONE or call.layer.key not in st.phase_layers[phase]:
             return attend_next(q, k, v)
         targets = self.target_rows(st, call.layout)
-        partners = self._partner_rows(call, targets) if targets else None
+        partners = self._partners(call, st, targets, q, k, v) if targets else None
         if partners is None:
             return attend_next(q, k, v)
         latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
@@ -421,16 +448,19 @@ class MCACtrl(AttentionControl):
         if region.shape[0] > 1:
             items = [min(layout.rows[t].item, region.shape[0] - 1) for t in targets]
             region = region.index_select(0, torch.tensor(items, device=device))
-        subject_index = torch.tensor(subject_for, device=device)
-        condition_index = torch.tensor(condition_for, device=device)
-        k_s, v_s = k.index_select(0, subject_index), v.index_select(0, subject_index)
-        k_c, v_c = k.index_select(0, condition_index), v.index_select(0, condition_index)
+        k_s, v_s = torch.cat([s.k for s in subject_for]), torch.cat([s.v for s in subject_for])
+        if self.scene_stream is None:  # generation: the target rows' own keys/values are the background
+            q_c, k_c, v_c = (t.index_select(0, targets_index) for t in (q, k, v))
+        else:
+            k_c, v_c = torch.cat([c.k for c in condition_for]), torch.cat([c.v for c in condition_for])
         subject_keys = masks.subject_keys.to(device)
         if phase == mca.PHASE_SALQ:
             out_targets = mca.salq(q.index_select(0, targets_index), k_s, v_s, k_c, v_c, subject_keys, region, plain)
         else:
-            out_targets = mca.sagi(q.index_select(0, subject_index), k_s, v_s,
-                                   q.index_select(0, condition_index), k_c, v_c, subject_keys, region, plain)
+            q_s = torch.cat([s.q for s in subject_for])
+            if self.scene_stream is not None:
+                q_c = torch.cat([c.q for c in condition_for])
+            out_targets = mca.sagi(q_s, k_s, v_s, q_c, k_c, v_c, subject_keys, region, plain)
 
         shape = (q.shape[0],) + tuple(out_targets.shape[1:])
         out = out_targets.new_empty(shape) if out_others is None else out_others.new_empty(shape)

@@ -18,6 +18,7 @@ NODE_MODULES = (
     "ip_adapter_nodes",
     "text_guidance_nodes",
     "ddim_inversion",
+    "kv_bank",
     "indetail_ip",
     "image_prompt_guidance",
     "adain_noise",

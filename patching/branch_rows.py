@@ -73,6 +73,27 @@ def _extend(value, batch: int, extras: list[ExtraRow], name: str, template: int)
     return _cat_rows(value, owns, template)
 
 
+# What an extra row gets from a ControlNet (``_pad_control``): part of the reference K/V bank's
+# key, so a change of this policy never reuses streams computed under the old one.
+EXTRA_ROW_CONTROLNET = "zero residuals"
+
+
+def borrowed_inputs(c_concat, conds: dict, layout: RowLayout, batch: int, row_conds: dict) -> dict:
+    """The per-row model inputs ``append_rows`` copies from the template sampler row into an extra
+    row that carries ``row_conds`` (an inpainting model's ``c_concat``, any per-row input the row
+    does not bring), by name: the row's output depends on them as on its own inputs."""
+    template = _template_row(layout)
+    borrowed = {}
+    for name, value in (("c_concat", c_concat), *conds.items()):
+        if name in row_conds:
+            continue
+        if isinstance(value, list) and value and all(_per_row(v, batch) for v in value):
+            borrowed[name] = [v[template:template + 1] for v in value]
+        elif _per_row(value, batch):
+            borrowed[name] = value[template:template + 1]
+    return borrowed
+
+
 def _pad_control(control, extra_count: int):
     if control is None:
         return None

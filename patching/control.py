@@ -53,6 +53,7 @@ class ModelCall:
     conds: dict[str, Any]
     run: Any
     transformer_options: dict
+    c_concat: Optional[torch.Tensor] = None  # concat conditioning (inpainting models), batched like x
 
     @property
     def sigma_value(self) -> float:
@@ -148,6 +149,11 @@ class AttentionControl:
     # image tokens of a joint attention) instead of assuming every token is an image token.
     # A control that does not is refused on a DiT when the run starts, never run there.
     dit_ready: bool = False
+    # Whether the control may change rows it did not append whose ``image_prompt`` is None (another
+    # control's inverted stream). The reference K/V bank keys a stream on every such control, so
+    # a stream computed under it is never reused without it. The pack's controls act on sampler
+    # rows and image-prompt rows only.
+    changes_stream_rows: bool = False
 
     def __init__(self) -> None:
         self.name = f"{type(self).__name__}#{next(_ids)}"

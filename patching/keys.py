@@ -12,3 +12,5 @@ ROWS = "qkv_control.rows"
 IMAGE_PROMPT_POLICY = "qkv_control.image_prompt_policy"
 # key under which the pack's wrappers are registered
 WRAPPER = "qkv_control"
+# inversion.kv_bank.BankSettings chosen by the Reference K/V Bank node (configuration only)
+KV_BANK = "qkv_control.kv_bank"

@@ -99,7 +99,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = RunContext(guider.model_patcher, controls,
                      sample_sigmas=_sample_arg("sigmas", args, kwargs),
                      latent_image=_sample_arg("latent_image", args, kwargs),
-                     transformer_options=transformer_options)
+                     transformer_options=transformer_options, model_options=original_options)
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options["transformer_options"][keys.RUN] = run
@@ -139,7 +139,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         )
     batch = x.shape[0]
     layout = RowLayout.from_cond_or_uncond(transformer_options["cond_or_uncond"], batch)
-    call = ModelCall(x, t, layout, c_crossattn, kwargs, run, transformer_options)
+    call = ModelCall(x, t, layout, c_crossattn, kwargs, run, transformer_options, c_concat)
     control = _without_control(controls, call, control, batch)
     extras = [(c.name, row) for c in controls for row in c.extra_rows(call)]
     dit = run.family.uses_override

@@ -12,7 +12,9 @@ Built by the OUTER_SAMPLE wrapper (``patching.patch``) when a run starts and fre
   ``image_prompt_rows(layout)``: which rows of a call see the positive or the negative
   image prompt, from the rows' own ``image_prompt`` property;
 - ``scratch(control)``: the small dataclass a control returned from ``start_run``, its
-  only place for state that lives during the run.
+  only place for state that lives during the run;
+- ``service(kind)``: one object of a kind several controls share during the run (the reference
+  K/V bank's session, ``inversion.reference_kv``), closed when the run ends.
 """
 
 from __future__ import annotations
@@ -79,12 +81,15 @@ class RunContext:
     """One sampling run, for every control registered on the model.
 
     model_patcher: the sampled model; controls: the registered controls, in order;
-    latent_image:  the sampler's starting latent (for denoise < 1).
+    latent_image:  the sampler's starting latent (for denoise < 1);
+    model_options: the sampler's model options (default: the model's own).
     """
 
     def __init__(self, model_patcher, controls, sample_sigmas: Optional[torch.Tensor],
-                 latent_image: Optional[torch.Tensor] = None, transformer_options: Optional[dict] = None):
+                 latent_image: Optional[torch.Tensor] = None, transformer_options: Optional[dict] = None,
+                 model_options: Optional[dict] = None):
         self.model_patcher = model_patcher
+        self.model_options = model_patcher.model_options if model_options is None else model_options
         self.controls = tuple(controls)
         self.clock = RunClock(sample_sigmas)
         self.latent_image = latent_image
@@ -98,6 +103,7 @@ class RunContext:
         self.layers_by_key = {(layer.kind, layer.key): layer for layer in self.layers}
         self.routes: dict[tuple[str, tuple], list] = {}
         self._scratch: dict[str, Any] = {}
+        self._services: dict[type, Any] = {}
         self._started: list = []
         self._warned: set = set()
 
@@ -118,6 +124,13 @@ class RunContext:
     def scratch(self, control) -> Any:
         """The scratch space ``control.start_run`` returned for this run."""
         return self._scratch[control.name]
+
+    def service(self, kind: type) -> Any:
+        """The run's one ``kind(self)``, built on first use; its ``close()`` runs when the run ends,
+        after every control's ``end_run``."""
+        if kind not in self._services:
+            self._services[kind] = kind(self)
+        return self._services[kind]
 
     def layers_of(self, control) -> frozenset:
         """Keys of the layers ``control`` acts on in this run."""
@@ -142,6 +155,12 @@ class RunContext:
             except Exception:  # noqa: BLE001 - cleanup must not mask the sampling error
                 logger.exception("QKV Control: cleanup of %s failed", control.name)
         self._started.clear()
+        for service in reversed(list(self._services.values())):
+            try:
+                service.close()
+            except Exception:  # noqa: BLE001 - cleanup must not mask the sampling error
+                logger.exception("QKV Control: closing %s failed", type(service).__name__)
+        self._services.clear()
         self._scratch.clear()
         self._warned.clear()
         self.routes.clear()

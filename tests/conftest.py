@@ -27,6 +27,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The reference K/V bank is process-wide and on by default: off for the in-process tests, whose row
+# counts and equalities are those of the cold path (a second test with the same reference would be
+# warm); tests/test_kv_bank*.py turn it on. The test server runs with the product default (tests/server.py).
+os.environ["QKV_KV_BANK_MB"] = "0"
+
 from comfy.cli_args import args  # noqa: E402
 
 args.cpu = True

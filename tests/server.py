@@ -118,7 +118,7 @@ def start_test_server(root: Path, timeout: float = 240.0) -> TestServer:
         tiny_models=True,
         log_path=root / "server.log",
         # 2-core machines: one torch thread (see ENVIRONMENT.md).
-        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "QKV_KV_BANK_MB": "auto"},
     )
     started = time.monotonic()
     server.start(timeout=timeout)

@@ -66,7 +66,7 @@ MAX_EXAMPLES = {
     "QKVAdaINNoise": 12, "QKVMCACtrlReplace": 14, "QKVMCACtrlGenerate": 14, "QKVIPAdapterLoader": 12,
     "QKVIPAdapterApply": 14, "QKVIPAdapterStyleContent": 12, "QKVConditionGuidance": 12,
     "QKVMaskGuidance": 12, "QKVAttentionMap": 16, "QKVGroundingDinoLoader": 4, "QKVSamLoader": 4,
-    "QKVTextSegment": 12, "QKVSamSegment": 12,
+    "QKVTextSegment": 12, "QKVSamSegment": 12, "QKVReferenceKVBank": 6,
 }
 
 # No shrinking by default, so a failure costs no more time than a pass (its draws are printed).
@@ -400,6 +400,33 @@ def case_image_prompt_guidance(data, kit):
     return Case(links, Sampling(family, batch, h, w, steps, scheduler, cfg, baseline_model=base, acts=acts))
 
 
+def case_kv_bank(data, kit):
+    """The bank changes time, never results: the node's model samples like its input, cold and then
+    warm (where the drawn settings turn the bank on), within the bank's tolerance (tests/test_kv_bank.py)."""
+    from qkv_control.inversion.kv_bank import BANK
+
+    family, batch, h, w = draw_geometry(data)
+    steps, scheduler, cfg = draw_schedule(data)
+    model = _model(family)
+    base = model
+    if data.draw(st.booleans(), label="indetail_on_the_model"):
+        ref = inversion(family, 1, h, w, steps, scheduler)
+        base = QKVInDetailReferenceAttention.execute(model, ref, "output", "concat:0-1", 0.5, 0.5).args[0]
+
+    def samples_like_its_input(outputs, widgets):
+        run = functools.partial(sample, positive=conditioning(family, "a photo of a dog"), negative=conditioning(family, ""),
+                                steps=steps, cfg=cfg, scheduler=scheduler, latent=torch.zeros((batch, 4, h, w)))
+        BANK.clear()
+        try:
+            expected = run(base)
+            for _ in range(2):
+                got = run(outputs[0])
+                assert float((got - expected).abs().max()) <= 2e-5 * float(expected.abs().max()) + 1e-6
+        finally:
+            BANK.clear()
+    return Case({"model": base}, checks=[samples_like_its_input])
+
+
 def case_adain(data, kit):
     family, batch, h, w = draw_geometry(data)
     steps, scheduler, _ = draw_schedule(data)
@@ -592,6 +619,7 @@ RECIPES = {
     "QKVInDetailReferenceAttention": case_indetail,
     "QKVImagePromptGuidance": case_image_prompt_guidance,
     "QKVAdaINNoise": case_adain,
+    "QKVReferenceKVBank": case_kv_bank,
     "QKVMCACtrlReplace": case_mca_replace,
     "QKVMCACtrlGenerate": case_mca_generate,
     "QKVIPAdapterLoader": case_ipadapter_loader,

@@ -84,8 +84,12 @@ class Recorder:
 
         def record_attention(call, phase, masks, targets, subject_for, condition_for, q, k, v, attend_next):
             out = mca_attention(call, phase, masks, targets, subject_for, condition_for, q, k, v, attend_next)
+            # The streams' inputs as the call's row indices they were taken from (the K/V bank is
+            # off here: every stream runs as a row); in generation the condition is the target.
+            subject_rows = [s.rows[0] for s in subject_for]
+            condition_rows = [c.rows[0] if c is not None else t for c, t in zip(condition_for, targets)]
             self.acted.append((call.run.clock.step(call.sigma_value), call.layer.key, phase, call, masks, targets,
-                               subject_for, condition_for, q, k, v, out))
+                               subject_rows, condition_rows, q, k, v, out))
             return out
 
         control.extra_rows = record_rows
