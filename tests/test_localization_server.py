@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from qkv_control.client.workflow_format import output_files
+from qkv_control.client.prompt_api import output_files
 from qkv_control.localization import loading, pipeline, prompts
 from qkv_control.tiny.localization_files import SAM_FILE, write_tiny_localization_files
 
