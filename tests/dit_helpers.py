@@ -24,8 +24,10 @@ def dit_kit(family: str):
         return model, encode(clip, "a red fox in the snow"), encode(clip, "")
     generator = torch.Generator().manual_seed(7)
     model = tiny_dit(family)
-    positive = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {}]]
-    negative = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {}]]
+    # As CLIP Text Encode gives them: a T5-only encoder's pooled output is None (some ComfyUI versions
+    # read the key for Chroma and Flux 2).
+    positive = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {"pooled_output": None}]]
+    negative = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {"pooled_output": None}]]
     return model, positive, negative
 
 
