@@ -385,3 +385,20 @@ def test_kontext_reference_latents_reach_the_reference_row():
     for call, mode, q, k, v, out in control.records:
         assert call.tokens.extra and call.tokens.n_image == 64
         check_call(call, mode, q, k, v, out, [call.tokens.n_text] * q.shape[0])
+
+
+@pytest.mark.parametrize("family", ["flux_schnell", "chroma", "flux2"])
+def test_modes_on_schnell_chroma_and_flux2(family):
+    """The same adapter (double/single blocks) on Flux.1 schnell (no guidance embedding), Chroma
+    (unpadded text, no pooled vector) and Flux 2 (patch 1, 128-channel latents): every mode follows
+    its formulas at CFG."""
+    from dit_helpers import LATENT_CHANNELS
+    model, positive, negative = dit_kit(family)
+    latent = torch.randn(1, LATENT_CHANNELS[family], 16, 16, generator=torch.Generator().manual_seed(2))
+    inversion = QKVDDIMInversion.execute(model, {"samples": latent}, 2, "simple", positive).args[0]
+    for mode in ("concat", "replace", "stratified"):
+        control = Recording(inversion, "double:1, single:1", f"{mode}:0-1")
+        dit_sample(add_control(model, control), positive, negative, family, steps=2, cfg=3.0)
+        assert control.records
+        for call, used, q, k, v, out in control.records:
+            check_call(call, used, q, k, v, out, [call.tokens.n_text] * q.shape[0])

@@ -283,3 +283,24 @@ def test_another_packs_override_and_mca_ctrl_both_run(order):
     got = dit_sample(m, positive, negative, "flux", steps=2, cfg=1.0)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
     assert len(calls) == 5 * 2 and set(calls) == {1}  # every attention call, the sampler row only
+
+
+@pytest.mark.parametrize("family", ["flux_schnell", "chroma", "flux2"])
+def test_replacement_on_schnell_chroma_and_flux2(family):
+    """Flux.1 schnell, Chroma and Flux 2 (patch 1: the 16 x 16 latent is the grid) through the same
+    adapter, at CFG (both branches controlled)."""
+    from dit_helpers import LATENT_CHANNELS
+    model, positive, negative = dit_kit(family)
+
+    def inverted(seed):
+        latent = torch.randn(1, LATENT_CHANNELS[family], SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+        return QKVDDIMInversion.execute(model, {"samples": latent * 0.5}, 2, "simple", positive).args[0]
+
+    control = MCACtrl(Streams(inverted(5), scene=inverted(6)), Masks(SUBJECT_MASK, REGION_MASK),
+                      Schedule(mca.PhaseSchedule(0.5, 1.0)))
+    rec = Recorder(control)
+    dit_sample(add_control(model, control), positive, negative, family, steps=2, cfg=3.0)
+    assert {phase for _, _, phase, *_ in rec.acted} == {"sagi", "salq"}
+    for entry in rec.acted:
+        assert entry[1].tokens.grid == ((16, 16) if family == "flux2" else (8, 8))
+        assert_dit_outputs(entry)
