@@ -41,7 +41,7 @@ from ..attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND
 from ..attention.step_window import StepWindow
 from ..inversion.result import InversionResult
 from ..inversion.stream import InvertedStream
-from ..patching.control import AttentionCall, AttentionControl, ModelCall
+from ..patching.control import AttentionCall, AttentionControl, ModelCall, kept_outputs, write_image_tokens
 from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE
 
 logger = logging.getLogger("qkv_control")
@@ -81,6 +81,8 @@ class ReferenceAttentionControl(AttentionControl):
     kind = "attn1"
     # The modes are attention of the rows' queries over reference + own keys: any token count.
     handles_token_changes = True
+    # On a DiT the modes act on the image tokens of the joint attention (``attend``).
+    dit_ready = True
 
     def __init__(self, inversion: InversionResult, blocks: str = DEFAULT_BLOCKS,
                  schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5,
@@ -167,9 +169,15 @@ class ReferenceAttentionControl(AttentionControl):
         if rows:
             index = torch.tensor(rows, device=k.device)
             kv = (k.index_select(0, index), v.index_select(0, index))
+            if call.joint:
+                # A DiT's joint sequence: the reference's image tokens only (after the model's
+                # q/k norms and RoPE, at the target's positions), never its text.
+                kv = tuple(call.image_part(t).contiguous() for t in kv)
             # Kept for a later call at this sigma only when this call does not hold the whole
-            # CFG step (cond and uncond in separate calls): saves the memory otherwise.
-            if not (call.layout.has(ROLE_COND) and call.layout.has(ROLE_UNCOND)):
+            # CFG step (cond and uncond in separate calls) and the other branch reads it (not
+            # under conflict-free guidance, nor at cfg 1): saves the memory otherwise (on a
+            # 1024 px Flux, 24 MB per layer per tensor).
+            if not (call.layout.has(ROLE_COND) and call.layout.has(ROLE_UNCOND)) and not call.run.policy.positive_only:
                 entry = scratch.kv.get(role)
                 if entry is None or entry.sigma != sigma:
                     entry = scratch.kv[role] = _StepKV(sigma)
@@ -200,6 +208,8 @@ class ReferenceAttentionControl(AttentionControl):
         return groups
 
     def attend(self, call: AttentionCall, q, k, v, attend_next):
+        """The modes on the target rows' image-token queries (on UNets every token is one); their
+        text tokens and every other row keep the model's output (``kept_outputs``)."""
         mode = self.mode_at(call.run, call.sigma_value)
         if mode == fs.NONE:
             return attend_next(q, k, v)
@@ -208,30 +218,31 @@ class ReferenceAttentionControl(AttentionControl):
             return attend_next(q, k, v)
         plain = call.plain
         targets = sorted(i for rows, _ in groups for i in rows)
-        others = [i for i in range(q.shape[0]) if i not in set(targets)]
-        if mode == fs.STRATIFIED or not call.exclusive:
-            # Every row's own attention through the rest of the chain; Stratified Attention
-            # reuses it for the target rows' λG term.
-            out = attend_next(q, k, v)
-        else:
-            # Concat/replace as the layer's only control: untouched rows need plain
-            # attention only, target rows are computed below (no doubled attention).
-            out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-            if others:
-                index = torch.tensor(others, device=q.device)
-                out.index_copy_(0, index, plain(q.index_select(0, index), k.index_select(0, index),
-                                                v.index_select(0, index)))
+        # Stratified Attention reuses every row's own attention for its λG term; concat/replace
+        # as the layer's only control compute the target rows' image tokens below only.
+        out = kept_outputs(call, q, k, v, attend_next, targets, own_images=mode == fs.STRATIFIED)
         for rows, (k_ref, v_ref) in groups:
             index = torch.tensor(rows, device=q.device)
-            qg = q.index_select(0, index)
+            qg = call.image_part(q.index_select(0, index))
             kp = reference_tokens(k_ref, len(rows))
             vp = reference_tokens(v_ref, len(rows))
             if mode == fs.STRATIFIED:
+                own = call.image_part(out.index_select(0, index))
                 result = stratified_attention(qg, None, None, kp, vp, self.weight_self, self.weight_ref, plain,
-                                              out_self=out.index_select(0, index))
+                                              out_self=own)
             elif mode == fs.CONCAT:
-                result = kv_concat(qg, k.index_select(0, index), v.index_select(0, index), kp, vp, plain)
-            else:
+                # [K_P ⊕ the row's own keys]: on a DiT its whole joint sequence (text included)
+                result = kv_concat(qg, k.index_select(0, index), v.index_select(0, index), kp, vp, plain,
+                                   self_mask=call.text_padding_mask(rows))
+            elif not call.joint:
                 result = kv_replace(qg, kp, vp, plain)
-            out.index_copy_(0, index, result.to(out.dtype))
+            else:
+                # DiT replacement: the reference's image keys in place of the row's own image keys;
+                # its text (and reference-latent) keys stay (Stable Flow's KV injection).
+                tokens = call.tokens
+                padding = call.text_padding_mask(rows)
+                result = kv_concat(qg, tokens.non_image_tokens(k.index_select(0, index)),
+                                   tokens.non_image_tokens(v.index_select(0, index)), kp, vp, plain,
+                                   self_mask=None if padding is None else tokens.non_image_tokens(padding, dim=-1))
+            write_image_tokens(call, out, rows, result)
         return out
