@@ -6,7 +6,7 @@ PORT ?= 8188
 WORKFLOW ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-oldest demo serve bench lint workflows-api workflows-docs subgraphs screenshots
+.PHONY: setup test test-oldest soak demo serve bench lint workflows-api workflows-docs subgraphs screenshots
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test:
 test-oldest:
 	@bash scripts/setup.sh --test-tools
 	$(OLDEST_PASS)
+
+# 100 prompts over every workflow through the real server (the suite runs a bounded 24).
+soak: setup
+	QKV_SOAK_PROMPTS=100 $(PY) -m pytest tests/test_soak.py -k soak $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py $(if $(WORKFLOW),--workflow "$(WORKFLOW)")

@@ -29,10 +29,17 @@ def kv_replace(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor, attend
 
 
 def kv_concat(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tensor, k_ref: torch.Tensor,
-              v_ref: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+              v_ref: torch.Tensor, attend: AttendFn, self_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KV concatenation (eq. 1, Fig. 7c): one softmax over [K_P ⊕ K_G]. Reference tokens come
-    first, as in the official code (the order does not change the result)."""
-    return attend(q, torch.cat([k_ref, k_self], dim=1), torch.cat([v_ref, v_self], dim=1))
+    first, as in the official code (the order does not change the result).
+
+    ``self_mask``: an additive mask ``[B, 1, N_G]`` over the row's own keys (a diffusion
+    transformer's zero-padded text keys at -inf), extended with 0 for the reference keys."""
+    k, v = torch.cat([k_ref, k_self], dim=1), torch.cat([v_ref, v_self], dim=1)
+    if self_mask is None:
+        return attend(q, k, v)
+    reference = self_mask.new_zeros(self_mask.shape[:-1] + (k_ref.shape[1],))
+    return attend(q, k, v, mask=torch.cat([reference, self_mask], dim=-1))
 
 
 def stratified_attention(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tensor, k_ref: torch.Tensor,

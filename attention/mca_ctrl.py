@@ -141,15 +141,17 @@ class LayerMasks:
 
 
 def layer_masks(subject_mask: torch.Tensor, region_mask: torch.Tensor, latent_hw: tuple[int, int],
-                n_tokens: int, dilation: int = 1, region_dilation: int = 1) -> LayerMasks:
+                n_tokens: int, dilation: int = 1, region_dilation: int = 1,
+                grid: Optional[tuple[int, int]] = None) -> LayerMasks:
     """Latent-size masks ([B, 1, h, w]: binary subject, binary or soft region) at one layer's
-    token grid: nearest-resized, then dilated.
+    token grid (``grid``, a diffusion transformer's patch grid; by default the UNet level of
+    ``n_tokens`` tokens): nearest-resized, then dilated.
 
     A subject that nearest sampling misses at a coarse grid (smaller than one token there)
     keeps the tokens it touches (max pooling), so the subject branch always has keys; the
     official code would attend all subject tokens uniformly there (every logit at finfo.min).
     """
-    grid = token_grid(latent_hw, n_tokens)
+    grid = token_grid(latent_hw, n_tokens) if grid is None else tuple(grid)
     subject = resize_nearest(subject_mask, grid)
     if subject.shape[0] != 1:
         raise ValueError(f"MCA-Ctrl: expected one subject mask, got a batch of {subject.shape[0]}")
@@ -198,6 +200,34 @@ def masked_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep
     return attend(q, k, v, mask=mask.unsqueeze(1))
 
 
+@dataclass(frozen=True)
+class ContextKeys:
+    """Keys every query of a masked attention attends besides the masked image keys: on a
+    diffusion transformer the querying row's own text (and reference-latent) tokens, so that
+    SALQ / SAGI keep the text conditioning a UNet keeps in its cross-attention.
+
+    k, v: [B, T, C], one row per query row; keep: bool [B, T] (False: a zero-padded text
+    token), or None when every token is kept."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+
+
+def _with_context(k, v, keep, bias, context: Optional[ContextKeys]):
+    """``(k, v, keep, bias)`` with ``context``'s keys in front (kept, no bias); unchanged without."""
+    if context is None:
+        return k, v, keep, bias
+    rows, tokens = context.k.shape[0], context.k.shape[1]
+    k, v = (t.expand(rows, -1, -1) if t.shape[0] != rows else t for t in (k, v))
+    kept = context.keep if context.keep is not None else torch.ones((rows, tokens), dtype=torch.bool,
+                                                                     device=keep.device)
+    keep = torch.cat([kept.to(keep.device), keep.expand(rows, -1)], dim=-1)
+    if bias is not None:
+        bias = torch.cat([bias.new_zeros((rows, tokens)), bias.expand(rows, -1)], dim=-1)
+    return torch.cat([context.k, k], dim=1), torch.cat([context.v, v], dim=1), keep, bias
+
+
 def _check_rows(region: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     if region.shape[0] not in (1, rows):
         raise ValueError(f"MCA-Ctrl {what}: expected a region mask for 1 or {rows} rows, got {region.shape[0]}")
@@ -227,7 +257,7 @@ def salq(q: torch.Tensor,
          k_subject: torch.Tensor, v_subject: torch.Tensor,
          k_condition: torch.Tensor, v_condition: torch.Tensor,
          subject_keys: torch.Tensor, region: torch.Tensor,
-         attend: AttendFn) -> torch.Tensor:
+         attend: AttendFn, context: Optional[ContextKeys] = None) -> torch.Tensor:
     """Self-Attention Local Query (paper, SALQ; official ``attn_batch(..., is_mask_attn=True)``):
 
         F_TS = Attn(Q_T, K_S[M_S], V_S[M_S])           subject foreground keys only
@@ -240,14 +270,17 @@ def salq(q: torch.Tensor,
                     generation the target row's own)
     subject_keys:   bool [1, Nk]; region: float [1 or B, N] in [0, 1]
     attend:         attend(q, k, v, mask=None)
+    context:        a DiT target row's own text keys, attended by both branches (``ContextKeys``)
     """
     return _masked_fusion(q, q, k_subject, v_subject, k_condition, v_condition, subject_keys, region, attend,
-                          "SALQ")
+                          "SALQ", context, context)
 
 
 def sagi(q_subject: torch.Tensor, k_subject: torch.Tensor, v_subject: torch.Tensor,
          q_condition: torch.Tensor, k_condition: torch.Tensor, v_condition: torch.Tensor,
-         subject_keys: torch.Tensor, region: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+         subject_keys: torch.Tensor, region: torch.Tensor, attend: AttendFn,
+         context_subject: Optional[ContextKeys] = None,
+         context_condition: Optional[ContextKeys] = None) -> torch.Tensor:
     """Self-Attention Global Injection, the official form (``attn_batch2``): the target's
     output is the streams' own masked self-attention, the target's q/k/v unused:
 
@@ -258,24 +291,29 @@ def sagi(q_subject: torch.Tensor, k_subject: torch.Tensor, v_subject: torch.Tens
     The paper writes ``F^I_S = M_S ⊙ F_S`` (all-key outputs multiplied by the masks); the
     official code restricts the keys instead, which is what runs here (docs/mca_ctrl.md).
     Every tensor has one row per target row ([B, N, C]; the subject and condition rows
-    that target row uses, repeated as needed); region: [1 or B, N].
+    that target row uses, repeated as needed); region: [1 or B, N]. On a DiT each stream's
+    queries also attend its own text keys (``context_subject`` / ``context_condition``).
     """
     return _masked_fusion(q_subject, q_condition, k_subject, v_subject, k_condition, v_condition, subject_keys,
-                          region, attend, "SAGI")
+                          region, attend, "SAGI", context_subject, context_condition)
 
 
 def _masked_fusion(q_fg, q_bg, k_subject, v_subject, k_condition, v_condition, subject_keys, region, attend,
-                   what: str) -> torch.Tensor:
+                   what: str, context_fg: Optional[ContextKeys] = None,
+                   context_bg: Optional[ContextKeys] = None) -> torch.Tensor:
     """``region · Attn(q_fg, K_S[M_S]) + (1 - region) · Attn(q_bg, K_C[M_C], bias region)``: SALQ
-    with the target's queries on both sides, SAGI with each stream's own."""
+    with the target's queries on both sides, SAGI with each stream's own; each key set with the
+    querying rows' ``ContextKeys`` in front (DiTs)."""
     region = _check_rows(region.to(q_fg), q_fg.shape[0], what)
 
     def subject_part():
         _check_subject_keys(subject_keys, what)
-        return masked_key_attention(q_fg, k_subject, v_subject, subject_keys, attend)
+        k, v, keep, _ = _with_context(k_subject, v_subject, subject_keys, None, context_fg)
+        return masked_key_attention(q_fg, k, v, keep, attend)
 
     def background_part():
-        return masked_key_attention(q_bg, k_condition, v_condition, region < 1.0, attend, bias=region)
+        k, v, keep, bias = _with_context(k_condition, v_condition, region < 1.0, region, context_bg)
+        return masked_key_attention(q_bg, k, v, keep, attend, bias=bias)
 
     return fuse(region, subject_part, background_part)
 

@@ -58,6 +58,11 @@ class DoubleSingleStreamFamily(ModelFamily):
     def token_layout(self, transformer_options: dict, length: int, geometry: CallGeometry) -> TokenLayout:
         grid = geometry.grid
         references = tuple(int(n) for n in transformer_options.get("reference_image_num_tokens", ()) or ())
+        rest = length - geometry.text_tokens - geometry.n_image
+        if not references and geometry.text_tokens and rest > 0:
+            # Reference-image tokens (Kontext) after the image, where ComfyUI does not name their
+            # counts (older versions): whatever follows the call's text and image is one reference part.
+            references = (rest,)
         layout = TokenLayout.text_first(length, grid, references)
         img_slice = transformer_options.get("img_slice")
         if transformer_options.get("block_type") == "single" and img_slice is not None \

@@ -93,6 +93,20 @@ class TokenLayout:
     def text_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x.narrow(dim, self.text.start, self.n_text)
 
+    def non_image_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The text and extra (reference-latent) parts of ``x`` along ``dim``, in sequence order:
+        every token that is not the generated image's (a copy when there are several parts)."""
+        parts = sorted((part for part in (self.text, *self.extra) if part.stop > part.start), key=lambda s: s.start)
+        if not parts:
+            return x.narrow(dim, 0, 0)
+        if len(parts) == 1:
+            return x.narrow(dim, parts[0].start, parts[0].stop - parts[0].start)
+        return torch.cat([x.narrow(dim, part.start, part.stop - part.start) for part in parts], dim=dim)
+
+    @property
+    def n_non_image(self) -> int:
+        return self.length - self.n_image
+
     def with_image(self, x: torch.Tensor, image: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """``x`` with its image tokens replaced by ``image`` (a new tensor; text and extra
         tokens are ``x``'s own, bit for bit)."""

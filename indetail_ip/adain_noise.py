@@ -28,6 +28,7 @@ import comfy.samplers
 import torch
 
 from ..inversion.ddim import adain, vp_scale
+from ..inversion.flow import FLOW
 from ..inversion.result import InversionResult
 from ..patching.control import AttentionControl
 from ..patching.sampler_start import noise_for_start
@@ -40,15 +41,24 @@ def seeded_noise(shape, seed: int, batch_index=None) -> torch.Tensor:
     return comfy.sample.prepare_noise(torch.zeros(shape), seed, batch_index)
 
 
+def model_input_scale(inversion: InversionResult, sigma: float) -> float:
+    """x-space -> the latent the model sees at ``sigma``: 1/√(1+σ²) for eps/v models (the VP
+    latent); 1 for flow models, whose x-space is what the model sees (``calculate_input`` is the
+    identity) and whose z_T at σ = 1 is unit noise already."""
+    return 1.0 if inversion.prediction == FLOW else vp_scale(sigma)
+
+
 def adain_start(inversion: InversionResult, noise: torch.Tensor, sigma: float) -> torch.Tensor:
     """The AdaIN z_T at ``sigma`` in the sampler's x-space: ``noise`` [B, C, H, W] (unit
-    Gaussian) AdaIN'd to the inverted reference's VP latent at ``sigma`` (one reference for
-    every sample, or one per sample), times √(1+sigma²)."""
-    reference = inversion.chain.latent_at(sigma) * vp_scale(sigma)
+    Gaussian) AdaIN'd to the inverted reference's model-input latent at ``sigma`` (one
+    reference for every sample, or one per sample), taken back to x-space (eps/v: times
+    √(1+σ²); flow: as it is)."""
+    scale = model_input_scale(inversion, sigma)
+    reference = inversion.chain.latent_at(sigma) * scale
     if reference.shape[0] not in (1, noise.shape[0]):
         raise ValueError(f"{NAME}: expected 1 reference or as many as the latent batch ({noise.shape[0]}), "
                          f"got {reference.shape[0]}")
-    return adain(noise.float(), reference.to(noise.device)) / vp_scale(sigma)
+    return adain(noise.float(), reference.to(noise.device)) / scale
 
 
 def _batch_index(latent: dict) -> Optional[list]:
@@ -87,6 +97,9 @@ class AdaINStart(AttentionControl):
     """Starts every sampling run of the model at the AdaIN z_T of the run's first sigma
     (``adain_start``), the noise drawn from ``seed`` (the sampler's own noise, seed and
     add_noise do not change the start)."""
+
+    # No attention layers: where the run starts is the same on every model family.
+    dit_ready = True
 
     def __init__(self, inversion: InversionResult, seed: int, batch_index=None):
         super().__init__()

@@ -43,7 +43,7 @@ from ..attention.step_window import StepWindow
 from ..inversion.reference_kv import FIELDS_KV, ReferenceKV
 from ..inversion.result import InversionResult
 from ..inversion.stream import InvertedStream
-from ..patching.control import AttentionCall, AttentionControl, ModelCall
+from ..patching.control import AttentionCall, AttentionControl, ModelCall, kept_outputs, write_image_tokens
 from ..patching.image_prompt_policy import BOTH, NEGATIVE_IMAGE
 
 logger = logging.getLogger("qkv_control")
@@ -68,6 +68,8 @@ class ReferenceAttentionControl(AttentionControl):
     kind = "attn1"
     # The modes are attention of the rows' queries over reference + own keys: any token count.
     handles_token_changes = True
+    # On a DiT the modes act on the image tokens of the joint attention (``attend``).
+    dit_ready = True
 
     def __init__(self, inversion: InversionResult, blocks: str = DEFAULT_BLOCKS,
                  schedule: str = fs.DEFAULT_SPEC, weight_ref: float = 0.5, weight_self: float = 0.5,
@@ -150,7 +152,8 @@ class ReferenceAttentionControl(AttentionControl):
     # -------------------------------------------------------------- attention
     def _reference_kv(self, call: AttentionCall, role: str, k, v):
         """Reference K/V [R, N, D] of this layer at this sigma (this call's rows, the K/V bank or
-        an earlier call at the same sigma), else None."""
+        an earlier call at the same sigma), else None. On a DiT's joint sequence, the reference's
+        image tokens only (``ReferenceKV.take``), never its text."""
         source: ReferenceKV = call.run.scratch(self).kv[role]
         taken = source.take(call, call.layout.indices(role, self.name), None, k, v)
         return None if taken is None else (taken.k, taken.v)
@@ -175,6 +178,8 @@ class ReferenceAttentionControl(AttentionControl):
         return groups
 
     def attend(self, call: AttentionCall, q, k, v, attend_next):
+        """The modes on the target rows' image-token queries (on UNets every token is one); their
+        text tokens and every other row keep the model's output (``kept_outputs``)."""
         mode = self.mode_at(call.run, call.sigma_value)
         if mode == fs.NONE:
             return attend_next(q, k, v)
@@ -183,30 +188,31 @@ class ReferenceAttentionControl(AttentionControl):
             return attend_next(q, k, v)
         plain = call.plain
         targets = sorted(i for rows, _ in groups for i in rows)
-        others = [i for i in range(q.shape[0]) if i not in set(targets)]
-        if mode == fs.STRATIFIED or not call.exclusive:
-            # Every row's own attention through the rest of the chain; Stratified Attention
-            # reuses it for the target rows' λG term.
-            out = attend_next(q, k, v)
-        else:
-            # Concat/replace as the layer's only control: untouched rows need plain
-            # attention only, target rows are computed below (no doubled attention).
-            out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-            if others:
-                index = torch.tensor(others, device=q.device)
-                out.index_copy_(0, index, plain(q.index_select(0, index), k.index_select(0, index),
-                                                v.index_select(0, index)))
+        # Stratified Attention reuses every row's own attention for its λG term; concat/replace
+        # as the layer's only control compute the target rows' image tokens below only.
+        out = kept_outputs(call, q, k, v, attend_next, targets, own_images=mode == fs.STRATIFIED)
         for rows, (k_ref, v_ref) in groups:
             index = torch.tensor(rows, device=q.device)
-            qg = q.index_select(0, index)
+            qg = call.image_part(q.index_select(0, index))
             kp = reference_tokens(k_ref, len(rows))
             vp = reference_tokens(v_ref, len(rows))
             if mode == fs.STRATIFIED:
+                own = call.image_part(out.index_select(0, index))
                 result = stratified_attention(qg, None, None, kp, vp, self.weight_self, self.weight_ref, plain,
-                                              out_self=out.index_select(0, index))
+                                              out_self=own)
             elif mode == fs.CONCAT:
-                result = kv_concat(qg, k.index_select(0, index), v.index_select(0, index), kp, vp, plain)
-            else:
+                # [K_P ⊕ the row's own keys]: on a DiT its whole joint sequence (text included)
+                result = kv_concat(qg, k.index_select(0, index), v.index_select(0, index), kp, vp, plain,
+                                   self_mask=call.text_padding_mask(rows))
+            elif not call.joint:
                 result = kv_replace(qg, kp, vp, plain)
-            out.index_copy_(0, index, result.to(out.dtype))
+            else:
+                # DiT replacement: the reference's image keys in place of the row's own image keys;
+                # its text (and reference-latent) keys stay (Stable Flow's KV injection).
+                tokens = call.tokens
+                padding = call.text_padding_mask(rows)
+                result = kv_concat(qg, tokens.non_image_tokens(k.index_select(0, index)),
+                                   tokens.non_image_tokens(v.index_select(0, index)), kp, vp, plain,
+                                   self_mask=None if padding is None else tokens.non_image_tokens(padding, dim=-1))
+            write_image_tokens(call, out, rows, result)
         return out

@@ -148,6 +148,10 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _per_row(value, batch: int) -> bool:
+    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch
+
+
 def _capture_wrapper(record: dict, run_model: bool = True):
     """APPLY_MODEL wrapper recording the per-row inputs of the first call, so the
     reference row later gets exactly the context/conds the inversion used. With
@@ -158,8 +162,11 @@ def _capture_wrapper(record: dict, run_model: bool = True):
             record["context"] = c_crossattn[:1].detach().cpu()
             conds = {}
             for name, value in kwargs.items():
-                if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == x.shape[0]:
+                if _per_row(value, x.shape[0]):
                     conds[name] = value[:1].detach().cpu()
+                elif isinstance(value, list) and value and all(_per_row(v, x.shape[0]) for v in value):
+                    # a list of per-row tensors (Flux Kontext's ref_latents): the first row of each
+                    conds[name] = [v[:1].detach().cpu() for v in value]
             record["conds"] = conds
         if not run_model:
             return x  # denoised = x: the probe's one sampler step changes nothing
@@ -223,10 +230,17 @@ def model_inputs(model, conditioning, samples: torch.Tensor) -> tuple[torch.Tens
     return record["context"], record.get("conds", {})
 
 
+def _same_tensors(a, b) -> bool:
+    if isinstance(a, list) or isinstance(b, list):
+        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and \
+            all(_same_tensors(x, y) for x, y in zip(a, b))
+    return a.shape == b.shape and torch.equal(a, b)
+
+
 def _same_text(context_a, conds_a: dict, context_b, conds_b: dict) -> bool:
-    if context_a.shape != context_b.shape or not torch.equal(context_a, context_b) or set(conds_a) != set(conds_b):
+    if not _same_tensors(context_a, context_b) or set(conds_a) != set(conds_b):
         return False
-    return all(conds_a[k].shape == conds_b[k].shape and torch.equal(conds_a[k], conds_b[k]) for k in conds_a)
+    return all(_same_tensors(conds_a[k], conds_b[k]) for k in conds_a)
 
 
 def invert(model, samples: torch.Tensor, steps: int, scheduler: str, conditioning=None,

@@ -95,12 +95,16 @@ def _whole_step(layout) -> bool:
 class ReferenceKV:
     """One stream row kind's K/V during one run (see the module docstring)."""
 
-    def __init__(self, run, stream, needs: Callable[[float], Mapping], label: Optional[str] = None):
+    def __init__(self, run, stream, needs: Callable[[float], Mapping], label: Optional[str] = None,
+                 rows_on_dit: bool = False):
         self.session: BankSession = run.service(BankSession)
         self.session.sources.append(self)
         self.stream = stream
         self.needs = needs
         self.label = label or stream.label
+        # On a DiT the reader also needs the row's own text tokens (MCA-Ctrl's SAGI), which no held
+        # step has: the row runs at every call there.
+        self.rows_on_dit = rows_on_dit
         self._own_text: Optional[str] = None
         self._step: Optional[_Step] = None
         self.hits = 0        # steps served by the bank
@@ -119,6 +123,9 @@ class ReferenceKV:
         """Whether ``call`` must run this stream's row. ``text``: (context, per-row conds) the row
         runs with, when not the inversion's own (MCA-Ctrl's branch text)."""
         sigma = call.sigma_value
+        if self.rows_on_dit and self.session.dit:
+            self._step = _Step(sigma, None, self.needs(sigma), record=False)
+            return True
         key = self.session.key_for(self, call, text)
         step = self._step
         if step is not None and step.complete and step.key == key and _same_sigma(step.sigma, sigma):
@@ -129,22 +136,30 @@ class ReferenceKV:
             self._step = _Step(sigma, key, needed, entry.tensors, complete=True)
             self.hits += 1
             return False
-        self._step = _Step(sigma, key, needed, record=key is not None or not _whole_step(call.layout))
+        # Without the bank, kept only for a later call at this sigma that reads it: cond and uncond in
+        # separate calls, the negative branch seeing the image prompt (on a 1024 px Flux, 24 MB per
+        # layer per tensor otherwise).
+        later = not _whole_step(call.layout) and not call.run.policy.positive_only
+        self._step = _Step(sigma, key, needed, record=key is not None or later)
         self.misses += 1
         return True
 
     def take(self, call, rows: list[int], q, k, v) -> Optional[StreamQKV]:
         """This layer's stream inputs at the call's sigma: from ``rows`` of this call (recorded),
-        else from the step's held entry, else None."""
+        else from the step's held entry, else None. On a DiT's joint attention, the rows' image
+        tokens only (after the model's q/k norms and RoPE, at the target's positions)."""
         step = self._step
         layer = call.layer.key
         current = step is not None and _same_sigma(step.sigma, call.sigma_value)
         if rows:
             index = torch.tensor(rows, device=k.device)
-            wants_q = current and "q" in step.needed.get(layer, ())
-            taken = {"k": k.index_select(0, index), "v": v.index_select(0, index)}
-            if wants_q:
-                taken["q"] = q.index_select(0, index)
+
+            def of_rows(t):
+                return call.image_part(t.index_select(0, index)).contiguous()
+
+            taken = {"k": of_rows(k), "v": of_rows(v)}
+            if current and "q" in step.needed.get(layer, ()):
+                taken["q"] = of_rows(q)
             if current and step.record and not step.complete and layer in step.needed:
                 step.tensors[layer] = taken
                 if step.tensors.keys() >= step.needed.keys():
@@ -170,6 +185,7 @@ class BankSession:
     def __init__(self, run):
         model = run.model_patcher
         self.settings = kv_bank.settings_of(run.model_options)
+        self.dit = run.family.uses_override  # attention through the DiT route (joint sequences)
         budget = kv_bank.budget_bytes(self.settings)
         self.off_reason = None
         if not self.settings.enabled:
@@ -178,6 +194,8 @@ class BankSession:
             self.off_reason = "its budget is 0"
         elif getattr(model, "hook_patches", None):
             self.off_reason = "the model has hook patches (weights that change during the run)"
+        elif self.dit:
+            self.off_reason = "not for diffusion transformers yet (docs/kv_bank.md)"
         self.guards = Guards([model.model])
         changing = ",".join(c.name for c in run.controls if c.changes_stream_rows)
         manual_cast = getattr(model.model, "manual_cast_dtype", None)

@@ -43,9 +43,9 @@ from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCON
 from ..attention.token_grid import token_grid
 from ..inversion.reference_kv import FIELDS_KV, FIELDS_QKV, ReferenceKV
 from ..inversion.stream import InvertedStream
-from ..patching.control import AttentionControl, ExtraRow
+from ..patching.control import AttentionControl, ExtraRow, kept_outputs, write_image_tokens
 from ..patching.image_prompt_policy import BOTH
-from ..patching.prompt_tokens import expand_positions
+from ..patching.prompt_tokens import expand_positions, positions_in_text
 from .config import Masks, Schedule, Streams
 
 logger = logging.getLogger("qkv_control")
@@ -108,6 +108,7 @@ class _Scratch:
     auto_version: int = 0
     warned: set = field(default_factory=set)
     sources: dict = field(default_factory=dict)       # (stream role, branch code) -> ReferenceKV
+    latent_hw: Optional[tuple[int, int]] = None      # DiTs: the target's latent size (from the model call)
 
 
 def new_scratch(phase_layers=None, auto_layers=frozenset(), both_branches=True) -> _Scratch:
@@ -125,6 +126,8 @@ class MCACtrl(AttentionControl):
     """
 
     kind = "attn1"
+    # On a DiT, SALQ / SAGI act on the image tokens of the joint attention, masks at the patch grid.
+    dit_ready = True
 
     def __init__(self, streams: Streams, masks: Masks, schedule: Schedule = Schedule(), label: str = NAME):
         super().__init__()
@@ -188,13 +191,27 @@ class MCACtrl(AttentionControl):
 
     # ------------------------------------------------------------------ layers
     def _auto_layers(self, layers):
+        attn2 = [layer for layer in layers if layer.kind == "attn2"]
+        if not attn2:
+            return self._joint_auto_layers(layers)
         try:
             return select_layers(self.masks.auto.layers, layers, "attn2")
         except ValueError:
             # The model has no cross-attention at that level: take its coarsest one.
-            attn2 = [layer for layer in layers if layer.kind == "attn2"]
             coarsest = max(layer.level for layer in attn2)
             return tuple(layer for layer in attn2 if layer.level == coarsest)
+
+    def _joint_auto_layers(self, layers):
+        """A DiT has no cross-attention: the word map is the image queries' attention to the text
+        keys of its joint attention, in the layers of the spec, else the double-stream blocks
+        (Flux: text and image with their own projections, as in a cross-attention) or every
+        joint block (SD3)."""
+        try:
+            return select_layers(self.masks.auto.layers, layers, "attn1")
+        except ValueError:
+            joint = select_layers("all", layers, "attn1")
+            return tuple(layer for layer in joint if layer.section == "double") or \
+                tuple(layer for layer in joint if layer.transformer_index == 0)
 
     def _phase_layers(self, layers) -> dict[str, frozenset]:
         spec = {mca.PHASE_SALQ: self.schedule.salq_layers, mca.PHASE_SAGI: self.schedule.sagi_layers}
@@ -206,7 +223,8 @@ class MCACtrl(AttentionControl):
         wanted = by_phase[mca.PHASE_SALQ] | by_phase[mca.PHASE_SAGI]
         chosen = tuple(layer for layer in layers if layer.kind == "attn1" and layer.key in wanted)
         if self.automatic_mask:
-            chosen += self._auto_layers(layers)
+            # (a DiT's word-map layers are attn1 layers, maybe chosen already: each layer once)
+            chosen += tuple(layer for layer in self._auto_layers(layers) if layer not in chosen)
         return chosen
 
     # --------------------------------------------------------------------- run
@@ -223,7 +241,8 @@ class MCACtrl(AttentionControl):
         for stream in (self.subject_stream, self.scene_stream):
             for role, code in (() if stream is None else _BRANCH_CODE.items()):
                 branch = "positive" if role == ROLE_COND else "negative"
-                st.sources[(stream.role, code)] = ReferenceKV(run, stream, needs, f"{stream.label} ({branch} text)")
+                st.sources[(stream.role, code)] = ReferenceKV(run, stream, needs, f"{stream.label} ({branch} text)",
+                                                            rows_on_dit=True)
         return st
 
     def phase(self, run, sigma: float) -> str:
@@ -282,6 +301,7 @@ class MCACtrl(AttentionControl):
         st: _Scratch = run.scratch(self)
         if self.automatic_mask:
             self._check_prompt(call, st)
+        st.latent_hw = tuple(int(s) for s in call.x.shape[-2:])
         targets = self.target_rows(st, call.layout)
         if not targets:
             return []
@@ -314,7 +334,9 @@ class MCACtrl(AttentionControl):
             st.latent_masks[latent_hw] = cached
         return cached
 
-    def _layer_masks(self, st: _Scratch, latent_hw, n_tokens, items) -> Optional[mca.LayerMasks]:
+    def _layer_masks(self, st: _Scratch, latent_hw, n_tokens, items, grid=None) -> Optional[mca.LayerMasks]:
+        """The masks at a layer of ``n_tokens`` image tokens: at ``grid`` (a DiT's patch grid), else
+        the UNet level of that many tokens."""
         version = st.auto_version if self.automatic_mask else 0
         key = (latent_hw, n_tokens, version)
         masks = st.masks.get(key)
@@ -323,17 +345,19 @@ class MCACtrl(AttentionControl):
         subject, region = self._latent_masks(st, latent_hw)
         dilation = self.masks.subject_dilation
         if region is not None:
-            masks = mca.layer_masks(subject, region, latent_hw, n_tokens, dilation, self.masks.region_dilation)
+            masks = mca.layer_masks(subject, region, latent_hw, n_tokens, dilation, self.masks.region_dilation,
+                                    grid=grid)
         else:
             maps = st.word_maps
             per_item = [None if maps is None else maps.mean(item) for item in range(max(items) + 1)]
             if any(m is None for m in per_item):
                 return None
             # Row b of the region is batch item b (``_mca_attention`` picks each target's).
-            region_tokens = mca.automatic_region(torch.stack(per_item), maps.grid, token_grid(latent_hw, n_tokens),
+            layer_grid = token_grid(latent_hw, n_tokens) if grid is None else grid
+            region_tokens = mca.automatic_region(torch.stack(per_item), maps.grid, layer_grid,
                                                  self.masks.auto.fraction)
             subject_keys = mca.layer_masks(subject, torch.zeros_like(subject), latent_hw, n_tokens,
-                                           dilation).subject_keys
+                                           dilation, grid=grid).subject_keys
             masks = mca.LayerMasks(subject_keys=subject_keys, region=region_tokens)
         st.masks = {k: v for k, v in st.masks.items() if k[2] == version}
         st.masks[key] = masks
@@ -348,15 +372,25 @@ class MCACtrl(AttentionControl):
         if not rows:
             return
         auto = self.masks.auto
-        context_tokens = auto.prompt_context.shape[1] if auto.prompt_context is not None else 77
-        tokens = expand_positions(list(auto.subject_tokens), context_tokens, k.shape[1])
+        index = torch.tensor(rows, device=q.device)
+        q, k = q.index_select(0, index), k.index_select(0, index)
+        if call.joint:
+            # A DiT: the image queries against the row's own text keys (softmax over the text
+            # keys only: a cross-attention map, never the joint N x N one), positions unrepeated.
+            q, k = call.image_part(q), self._own_text(call, k, rows)
+            tokens = positions_in_text(list(auto.subject_tokens), k.shape[1])
+            grid = call.tokens.grid
+        else:
+            context_tokens = auto.prompt_context.shape[1] if auto.prompt_context is not None else 77
+            tokens = expand_positions(list(auto.subject_tokens), context_tokens, k.shape[1])
+            grid = None
         if not tokens:
             return
-        index = torch.tensor(rows, device=q.device)
-        probs = word_attention_probs(q.index_select(0, index), k.index_select(0, index), call.heads, tokens)
+        probs = word_attention_probs(q, k, call.heads, tokens)
         word_map = probs.mean(dim=1).sum(dim=-1)          # [rows, N]: head mean, then the word's tokens
-        latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
-        grid = token_grid(latent_hw, q.shape[1])
+        if grid is None:
+            latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
+            grid = token_grid(latent_hw, q.shape[1])
         if st.word_maps is None or st.word_maps.grid != grid:
             st.word_maps = _WordMaps(grid)
         maps = st.word_maps
@@ -365,6 +399,17 @@ class MCACtrl(AttentionControl):
             maps.sums[item] = value if item not in maps.sums else maps.sums[item] + value
             maps.counts[item] = maps.counts.get(item, 0) + 1
         st.auto_version += 1
+
+    @staticmethod
+    def _own_text(call, k, rows):
+        """The text keys of ``rows`` (sampler rows of one CFG branch: one text length), without the
+        zero padding a longer extra row's text gave them."""
+        text = call.tokens.text_tokens(k)
+        padding = call.text_padding_mask(rows)
+        if padding is not None:
+            own = int((call.tokens.text_tokens(padding, dim=-1)[0, 0] == 0).sum())
+            text = text[:, :own]
+        return text
 
     def _check_prompt(self, call, st: _Scratch) -> None:
         """Warn once per run when the sampler's positive prompt is not the node's prompt (the
@@ -412,59 +457,74 @@ class MCACtrl(AttentionControl):
             if call.layer.key in st.auto_layers:
                 self._capture_word_map(call, st, q, k)
             return attend_next(q, k, v)
+        if call.joint and call.layer.key in st.auto_layers:
+            self._capture_word_map(call, st, q, k)  # a DiT's word map: its joint attention's image -> text part
         phase = self.phase(call.run, call.sigma_value)
-        if phase == mca.PHASE_NONE or call.layer.key not in st.phase_layers[phase]:
+        if phase == mca.PHASE_NONE or call.layer.key not in st.phase_layers.get(phase, ()):
             return attend_next(q, k, v)
         targets = self.target_rows(st, call.layout)
         partners = self._partners(call, st, targets, q, k, v) if targets else None
         if partners is None:
             return attend_next(q, k, v)
-        latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
         items = [call.layout.rows[t].item for t in targets]
-        masks = self._layer_masks(st, latent_hw, q.shape[1], items)
+        if call.token_layout is not None:  # a DiT: masks at the patch grid of the image tokens
+            masks = self._layer_masks(st, st.latent_hw, call.tokens.n_image, items, grid=call.tokens.grid)
+        else:
+            latent_hw = tuple(int(s) for s in call.extra_options["original_shape"][-2:])
+            masks = self._layer_masks(st, latent_hw, q.shape[1], items)
         if masks is None:  # automatic mask not available yet
             return attend_next(q, k, v)
         return self._mca_attention(call, phase, masks, targets, *partners, q, k, v, attend_next)
 
+    @staticmethod
+    def _context_keys(call, k, v, rows) -> Optional[mca.ContextKeys]:
+        """On a DiT, the text (and reference-latent) keys of ``rows``, their padding not kept."""
+        if not call.joint:
+            return None
+        tokens = call.tokens
+        index = torch.tensor(rows, device=k.device)
+        padding = call.text_padding_mask(rows)
+        keep = None if padding is None else tokens.non_image_tokens(padding, dim=-1)[:, 0] == 0
+        return mca.ContextKeys(tokens.non_image_tokens(k.index_select(0, index)),
+                               tokens.non_image_tokens(v.index_select(0, index)), keep)
+
     def _mca_attention(self, call, phase, masks, targets, subject_for, condition_for, q, k, v, attend_next):
+        """SALQ / SAGI on the targets' image-token queries, the streams' image keys; every other
+        row, and the targets' text tokens on a DiT, as the rest of the chain computes them."""
         layout = call.layout
         device = q.device
-        target_set = set(targets)
-        others = [i for i in range(q.shape[0]) if i not in target_set]
-        others_index = torch.tensor(others, device=device, dtype=torch.long)
         targets_index = torch.tensor(targets, device=device)
         plain = call.plain
-        if not others:
-            out_others = None
-        elif call.exclusive:
-            # Only the stream rows (and untouched sampler rows) need plain attention.
-            out_others = plain(q.index_select(0, others_index), k.index_select(0, others_index),
-                               v.index_select(0, others_index))
-        else:
-            # Other controls or another pack's patch follow: they expect the full rows.
-            out_others = attend_next(q, k, v).index_select(0, others_index)
+        # Only the stream rows (and untouched sampler rows) need plain attention, unless other
+        # controls or another pack's patch follow: they expect the full rows.
+        out = kept_outputs(call, q, k, v, attend_next, targets)
+        image = call.image_part
 
         region = masks.region.to(device)
         if region.shape[0] > 1:
             items = [min(layout.rows[t].item, region.shape[0] - 1) for t in targets]
             region = region.index_select(0, torch.tensor(items, device=device))
+        # The streams' image-token inputs (``ReferenceKV.take``: image tokens only on a DiT).
         k_s, v_s = torch.cat([s.k for s in subject_for]), torch.cat([s.v for s in subject_for])
         if self.scene_stream is None:  # generation: the target rows' own keys/values are the background
-            q_c, k_c, v_c = (t.index_select(0, targets_index) for t in (q, k, v))
+            q_c, k_c, v_c = (image(t.index_select(0, targets_index)) for t in (q, k, v))
         else:
             k_c, v_c = torch.cat([c.k for c in condition_for]), torch.cat([c.v for c in condition_for])
         subject_keys = masks.subject_keys.to(device)
         if phase == mca.PHASE_SALQ:
-            out_targets = mca.salq(q.index_select(0, targets_index), k_s, v_s, k_c, v_c, subject_keys, region, plain)
+            out_targets = mca.salq(image(q.index_select(0, targets_index)), k_s, v_s, k_c, v_c, subject_keys, region,
+                                   plain, context=self._context_keys(call, k, v, targets))
         else:
             q_s = torch.cat([s.q for s in subject_for])
             if self.scene_stream is not None:
                 q_c = torch.cat([c.q for c in condition_for])
-            out_targets = mca.sagi(q_s, k_s, v_s, q_c, k_c, v_c, subject_keys, region, plain)
-
-        shape = (q.shape[0],) + tuple(out_targets.shape[1:])
-        out = out_targets.new_empty(shape) if out_others is None else out_others.new_empty(shape)
-        if out_others is not None:
-            out.index_copy_(0, others_index, out_others)
-        out.index_copy_(0, targets_index, out_targets.to(out.dtype))
+            # A DiT's streams always run as rows of the call (the bank is off there): their text keys.
+            subject_rows = condition_rows = []
+            if call.joint:
+                subject_rows = [s.rows[0] for s in subject_for]
+                condition_rows = targets if self.scene_stream is None else [c.rows[0] for c in condition_for]
+            out_targets = mca.sagi(q_s, k_s, v_s, q_c, k_c, v_c, subject_keys, region, plain,
+                                   context_subject=self._context_keys(call, k, v, subject_rows),
+                                   context_condition=self._context_keys(call, k, v, condition_rows))
+        write_image_tokens(call, out, targets, out_targets)
         return out

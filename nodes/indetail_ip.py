@@ -7,7 +7,9 @@ from comfy_api.latest import io
 from ..attention import fusion_schedule as fs
 from ..attention.layers import select_layers
 from ..inversion.checks import check_inversion
-from ..indetail_ip.control import DEFAULT_BLOCKS, DEFAULT_NEGATIVE_CONTROL_UNTIL, ReferenceAttentionControl
+from ..families.registry import family_of
+from ..indetail_ip.blocks import AUTO, STABLE_FLOW_VITAL_LAYERS, resolve_blocks
+from ..indetail_ip.control import DEFAULT_NEGATIVE_CONTROL_UNTIL, ReferenceAttentionControl
 from ..patching.layers import discover_layers
 from ..patching.patch import add_control
 from .naming import errors_named
@@ -26,7 +28,9 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
             category="QKV Control/InDetail-IP",
             description="InDetail-IP image prompt by self-attention: runs the inverted reference as an extra batch "
                         "row and lets the generated image's self-attention read its keys/values: Stratified "
-                        "Attention early, KV concatenation after (paper default), or KV replacement. Under "
+                        "Attention early, KV concatenation after (paper default), or KV replacement. On Flux.1 "
+                        "and SD3.5 the modes act on the image tokens of the joint attention (text tokens as the "
+                        "model computes them). Under "
                         "conflict-free guidance (the default) only positive CFG rows see the reference unless an "
                         "Image Prompt Guidance node says otherwise. The negative branch runs without "
                         "ControlNet for the first 20% of the steps (official code).",
@@ -36,9 +40,14 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
                 Inversion.Input("inversion", tooltip="The DDIM-inverted reference (DDIM Inversion node)."),
-                io.String.Input("blocks", default=DEFAULT_BLOCKS,
-                                tooltip="Self-attention layers to patch, as a block spec: output (decoder, the "
-                                        "paper's choice), all, input:4-8, #0-3, level:0-1, ... Prefix '-' excludes."),
+                io.String.Input("blocks", default=AUTO,
+                                tooltip="Self-attention layers to patch, as a block spec. auto: the model family's "
+                                        "default: output (the decoder, the paper's choice) on SD1.5/SDXL; Flux.1, "
+                                        "Chroma, Flux 2: the later single blocks (single:20-37 on Flux.1, after "
+                                        "RF-Solver-Edit/FireFlow); SD3.5: the later half of the joint blocks. Or "
+                                        "any spec: all, output, input:4-8, #0-3, level:0-1, double:0-18, "
+                                        f"single:10-37, joint:12-23 ... (Stable Flow's Flux vital layers: "
+                                        f"{STABLE_FLOW_VITAL_LAYERS}). Prefix '-' excludes."),
                 io.String.Input("schedule", default=fs.DEFAULT_SPEC,
                                 tooltip="Attention fusion: 'mode:start-end, ...' over fractions of the sampling "
                                         "steps. Modes: stratified, concat, replace, none. Paper: 'stratified:0-0.2, "
@@ -75,7 +84,9 @@ class QKVInDetailReferenceAttention(io.ComfyNode):
                 negative_control_until=DEFAULT_NEGATIVE_CONTROL_UNTIL) -> io.NodeOutput:
         with errors_named(NAME):
             check_inversion(NAME, inversion, model)
-            select_layers(blocks, discover_layers(model), "attn1")
+            layers = discover_layers(model)
+            blocks = resolve_blocks(blocks, family_of(model), layers)
+            select_layers(blocks, layers, "attn1")
             control = ReferenceAttentionControl(inversion, blocks, schedule, lambda_reference, lambda_self,
                                                 negative_control_until)
         return io.NodeOutput(add_control(model, control))

@@ -86,6 +86,8 @@ class AttentionCall:
     exclusive: bool = False
     # The call's token layout; None on UNets, where ``tokens`` derives it (all image tokens).
     token_layout: Optional[TokenLayout] = None
+    # DiTs: rows -> the additive mask of those rows' own keys (``text_padding_mask``); None on UNets.
+    key_padding: Optional[Callable[[list[int]], Optional[torch.Tensor]]] = None
 
     @property
     def tokens(self) -> TokenLayout:
@@ -95,6 +97,17 @@ class AttentionCall:
             return self.token_layout
         shape = self.extra_options["activations_shape"]
         return TokenLayout.image_only((int(shape[-2]), int(shape[-1])))
+
+    @property
+    def joint(self) -> bool:
+        """Whether this is a diffusion transformer's joint attention: text (or reference-latent)
+        tokens beside the image's. False on UNets and image-only DiT attention."""
+        return self.token_layout is not None and not self.token_layout.image_only_call
+
+    def image_part(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The image tokens of ``x`` (rows of q/k/v or of an output, tokens along ``dim``): a view,
+        ``x`` itself unless the call is joint."""
+        return self.token_layout.image_tokens(x, dim) if self.joint else x
 
     @property
     def heads(self) -> int:
@@ -110,6 +123,67 @@ class AttentionCall:
 
     def rows(self, role: str, source: str | None = None) -> list[int]:
         return self.layout.indices(role, source)
+
+    def text_padding_mask(self, rows: list[int]) -> Optional[torch.Tensor]:
+        """Additive mask ``[len(rows), 1, N]`` over the ``rows``' own keys: -inf on the text tokens
+        that are zero padding (a DiT row whose text is shorter than the call's, padded by
+        ``branch_rows.pad_contexts``), or None when none of ``rows`` is padded (always on UNets).
+        A control attending rows' own keys through ``plain`` passes it, as the route itself does
+        at the end of the chain."""
+        return None if self.key_padding is None else self.key_padding(list(rows))
+
+
+def kept_outputs(call: AttentionCall, q, k, v, attend_next, targets: list[int], own_images: bool = False):
+    """The attention output ``[B, N, D]`` a control that rewrites the image-token outputs of the
+    ``targets`` rows starts from: every other row's output, and the targets' text (and reference-
+    latent) tokens' outputs, as the rest of the chain computes them (on UNets every token is an
+    image token).
+
+    The targets' image tokens hold their own attention when ``own_images`` (a mode mixing it in,
+    Stratified Attention) or when other controls / another pack's patch follow (not
+    ``call.exclusive``: they expect the full rows); otherwise they are left unset for the
+    caller, and only plain attention runs for what is kept: no doubled attention."""
+    if own_images or not call.exclusive:
+        return attend_next(q, k, v)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    target_set = set(targets)
+    others = [i for i in range(q.shape[0]) if i not in target_set]
+    if others:
+        index = torch.tensor(others, device=q.device)
+        out.index_copy_(0, index, call.plain(q.index_select(0, index), k.index_select(0, index),
+                                             v.index_select(0, index), mask=call.text_padding_mask(others)))
+    if targets and call.joint:
+        # The targets' text queries attend to their own joint keys, as in the unpatched model.
+        tokens = call.tokens
+        index = torch.tensor(targets, device=q.device)
+        q_kept = tokens.non_image_tokens(q.index_select(0, index))
+        kept = call.plain(q_kept, k.index_select(0, index), v.index_select(0, index),
+                          mask=call.text_padding_mask(targets))
+        rows = out.index_select(0, index)
+        _scatter_non_image(tokens, rows, kept)
+        out.index_copy_(0, index, rows)
+    return out
+
+
+def _scatter_non_image(tokens: TokenLayout, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` (the non-image tokens, in sequence order) into ``rows`` in place."""
+    start = 0
+    for part in sorted((p for p in (tokens.text, *tokens.extra) if p.stop > p.start), key=lambda p: p.start):
+        n = part.stop - part.start
+        rows.narrow(1, part.start, n).copy_(values.narrow(1, start, n))
+        start += n
+
+
+def write_image_tokens(call: AttentionCall, out: torch.Tensor, rows: list[int], image_out: torch.Tensor) -> None:
+    """``out``'s image-token outputs of ``rows`` set to ``image_out`` (in place); the rows' other
+    tokens keep theirs. On UNets (every token an image token) the rows are replaced whole."""
+    index = torch.tensor(rows, device=out.device)
+    if not call.joint:
+        out.index_copy_(0, index, image_out.to(out.dtype))
+        return
+    selected = out.index_select(0, index)
+    call.image_part(selected).copy_(image_out.to(out.dtype))
+    out.index_copy_(0, index, selected)
 
 
 AttendNext = Callable[..., torch.Tensor]

@@ -159,15 +159,27 @@ class DiTAttentionRoute:
                 q, k, v = (_heads_first(t, dim_head) for t in (q, k, v))
             return self._base(func, call, q, k, v, mask, call.skip_reshape, output_tokens_last=True)
 
+        def key_padding(rows):
+            if call.mask is not None:
+                raise ValueError(f"QKV Control: {layer.describe()} expected no attention mask from the model for a "
+                                 "control's own key sets, got one (a model given an attention_mask, e.g. a masked "
+                                 "T5 context): not supported by the image-token modes")
+            if self.text_lengths is None or all(self.text_lengths[row] == self.geometry.text_tokens for row in rows):
+                return None
+            mask = self._padding_mask(call, call.q)
+            return None if mask is None else mask[rows]
+
         attention_call = AttentionCall(layer, self.rows, self.run, extra_options, plain=plain,
                                        exclusive=len(controls) == 1 and self.foreign is None,
-                                       token_layout=tokens)
+                                       token_layout=tokens, key_padding=key_padding)
         attend = end_of_chain
         for control in reversed(controls):
             attend = _link(control, attention_call, attend)
         q, k, v = call.q, call.k, call.v
         if call.skip_reshape:
             q, k, v = _tokens_last(q), _tokens_last(k), _tokens_last(v)
+        elif v.ndim == 4:  # SD3's MMDiT passes v as [B, N, heads, dim] (ComfyUI's attention views it)
+            v = v.reshape(v.shape[0], v.shape[1], -1)
         out = attend(q, k, v)
         if call.skip_output_reshape:
             out = _heads_first(out, dim_head)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 import nodes as comfy_nodes
 
@@ -24,8 +25,10 @@ def dit_kit(family: str):
         return model, encode(clip, "a red fox in the snow"), encode(clip, "")
     generator = torch.Generator().manual_seed(7)
     model = tiny_dit(family)
-    positive = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {}]]
-    negative = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {}]]
+    # As CLIP Text Encode gives them: a T5-only encoder's pooled output is None (some ComfyUI versions
+    # read the key for Chroma and Flux 2).
+    positive = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {"pooled_output": None}]]
+    negative = [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {"pooled_output": None}]]
     return model, positive, negative
 
 
@@ -48,3 +51,33 @@ def counting_override(calls: list, previous=None):
         return func(*args, **kwargs)
 
     return override
+
+
+def split_heads(t, heads):
+    b, n, inner = t.shape
+    return t.reshape(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def sdpa_reference(q, k, v, heads, mask=None):
+    """Plain attention on [B, N, heads*dim] with torch's SDPA (independent of ComfyUI); ``mask``
+    an additive [B, 1, Nk] mask or None."""
+    b, n, inner = q.shape
+    attn_mask = None if mask is None else mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+                                         attn_mask=attn_mask)
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+class ModelRows:
+    """Counts the diffusion model's forward calls and their batch rows."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        self.handle = model.model.diffusion_model.register_forward_pre_hook(
+            lambda module, args: self.rows.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -232,10 +232,12 @@ def test_model_options_are_not_mutated_and_no_route_outlives_the_run():
 
 
 def test_methods_not_ready_for_dits_are_refused_not_run():
-    """A method control that does not read the token layout (all of them, until phase B) is an
-    error on a DiT when sampling starts, never run there on joint sequences."""
+    """A control that does not read the token layout (the cross-attention methods: IP-Adapter /
+    DEADiff, text guidance) is an error on a DiT when sampling starts, never run there on joint
+    sequences; a UNet block spec names no DiT block."""
     from qkv_control.nodes.ddim_inversion import QKVDDIMInversion
     from qkv_control.nodes.indetail_ip import QKVInDetailReferenceAttention
+    from qkv_control.text_guidance.mask import MaskGuidanceControl
 
     model, positive, negative = dit_kit("flux")
     latent = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -243,7 +245,8 @@ def test_methods_not_ready_for_dits_are_refused_not_run():
     with pytest.raises(ValueError, match="InDetail-IP Reference Attention: .*selects no attn1 layer; this model has: "
                                          "double:0.0"):
         QKVInDetailReferenceAttention.execute(model, inversion, "output", "concat:0-1", 0.5, 0.5)
-    patched = QKVInDetailReferenceAttention.execute(model, inversion, "double", "concat:0-1", 0.5, 0.5).args[0]
+    control = MaskGuidanceControl([1], 256, 0.5, 1.0, "all")
+    assert not control.dit_ready
     with pytest.raises(ValueError, match=r"expected an SD1.5 / SD2.x / SDXL \(UNet\) model for "
-                                         r"ReferenceAttentionControl#\d+, got a Flux.1 model"):
-        dit_sample(patched, positive, negative, "flux")
+                                         r"MaskGuidanceControl#\d+, got a Flux.1 model"):
+        dit_sample(add_control(model, control), positive, negative, "flux")

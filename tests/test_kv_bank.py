@@ -563,3 +563,26 @@ def test_step_size_formula_matches_what_a_run_stores(kit, bank):
     run(kit, indetail(kit["model"], kit["reference"]))
     layers = select_layers("output", discover_layers(kit["model"]), "attn1")
     assert bank.stats().nbytes == STEPS * kv_bank.step_bytes(layers, (SIZE, SIZE), 4)
+
+
+# ---------------------------------------------------------------------------- DiTs
+
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_the_bank_is_off_on_diffusion_transformers(bank, caplog, family):
+    """InDetail-IP on a tiny DiT with the bank on: it stores nothing, the second run computes the
+    reference row again, both runs are identical, and the run's line says why."""
+    from dit_helpers import ModelRows, dit_kit, dit_sample
+
+    model, positive, negative = dit_kit(family)
+    latent = torch.randn(1, 16, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    inversion = QKVDDIMInversion.execute(model, {"samples": latent}, 3, "simple", positive).args[0]
+    patched = QKVInDetailReferenceAttention.execute(model, inversion, "auto", "concat:0-1", 0.5, 0.5).args[0]
+    cfg = {"flux": 1.0, "sd35": 3.0}[family]
+    outputs, rows = [], []
+    for _ in range(2):
+        with ModelRows(model) as counter, caplog.at_level("INFO", logger="qkv_control"):
+            outputs.append(dit_sample(patched, positive, negative, family, steps=3, cfg=cfg))
+        rows.append(counter.rows)
+    assert rows[0] == rows[1] and sum(rows[0]) == 3 * ({"flux": 1, "sd35": 2}[family] + 1)
+    assert bank.stats().steps == 0 and torch.equal(outputs[0], outputs[1])
+    assert "reference K/V bank off (not for diffusion transformers yet" in caplog.text

@@ -1,5 +1,6 @@
 """Other patches that reshape what reaches a layer (core HyperTile: image tiles folded into the
-batch; core ToMe: merged self-attention queries), with InDetail-IP and MCA-Ctrl, in both node
+batch; core ToMe: merged self-attention queries; core Deep Shrink, PatchModelAddDownscale: a
+downscaled feature map, so fewer tokens at every later level), with InDetail-IP and MCA-Ctrl, in both node
 orders, on tiny SD1.5 and SDXL (patching.router: rows that cannot be told apart are passed
 through; merged tokens are handled by the controls whose math holds for any token count)."""
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from comfy_extras.nodes_hypertile import HyperTile
+from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 from comfy_extras.nodes_tomesd import TomePatchModel
 
 from helpers import encode, sample
@@ -70,7 +72,7 @@ class Spy:
 
         def spy(call, *args, **kwargs):
             q = args[0] if method == "attend" else args[5]
-            self.shapes.append((call.layer.describe(), q.shape[0], q.shape[1], len(call.layout)))
+            self.shapes.append((call.layer.level, q.shape[0], q.shape[1], len(call.layout)))
             return original(call, *args, **kwargs)
 
         setattr(control, method, spy)
@@ -134,12 +136,22 @@ def test_tome_with_indetail_acts_on_merged_queries(kit, order):
     """ToMe merges self-attention queries at the full-resolution layers: InDetail-IP's KV
     concatenation still holds there, on the queries it gets (checked against plain SDPA)."""
     control = ReferenceAttentionControl(kit["reference"], blocks="output", schedule="concat:0-1")
+    checked = _check_concat(control, lambda q, k: q.shape[1] < k.shape[1])  # merged by ToMe
+    out = sample(_both_orders(kit, tome, control)[order], kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
+    assert torch.isfinite(out).all()
+    assert bool(checked) == bool(_level_tokens(kit, [0]))  # ToMe merges level 0 only (none on SDXL)
+
+
+def _check_concat(control, applies):
+    """Wraps the control's attend: where ``applies(q, k)``, its output for every cond row must be
+    KV concatenation (plain SDPA over the reference's keys then the row's own); returns the layers
+    checked."""
     checked = []
     original = control.attend
 
     def check(call, q, k, v, attend_next):
         out = original(call, q, k, v, attend_next)
-        if q.shape[1] < k.shape[1]:  # merged by ToMe
+        if applies(q, k):
             plain = bind_heads(plain_attention, call.heads)
             cond = call.rows(ROLE_COND)
             ref = call.rows(ROLE_REFERENCE, control.name)
@@ -147,13 +159,43 @@ def test_tome_with_indetail_acts_on_merged_queries(kit, order):
                 keys = torch.cat([k[ref].reshape(1, -1, k.shape[-1]), k[row:row + 1]], dim=1)
                 values = torch.cat([v[ref].reshape(1, -1, v.shape[-1]), v[row:row + 1]], dim=1)
                 torch.testing.assert_close(out[row:row + 1], plain(q[row:row + 1], keys, values), atol=1e-5, rtol=1e-4)
-            checked.append(call.layer.describe())
+            checked.append((call.layer.level, q.shape[1]))
         return out
 
     control.attend = check
-    out = sample(_both_orders(kit, tome, control)[order], kit["positive"], kit["negative"], steps=STEPS, size=SIZE)
-    assert torch.isfinite(out).all()
-    assert bool(checked) == bool(_level_tokens(kit, [0]))  # ToMe merges level 0 only (none on SDXL)
+    return checked
+
+
+def deep_shrink(model):
+    # Kohya Deep Shrink on the first input block, for the whole run: every later level sees a
+    # feature map downscaled by 2 (a quarter of the tokens), the decoder until the skip joins.
+    return PatchModelAddDownscale.execute(model, 1, 2.0, 0.0, 1.0, True, "bicubic", "bicubic")[0]
+
+
+@pytest.mark.parametrize("order", ["patch first", "control first"])
+def test_deep_shrink_with_indetail_acts_on_the_downscaled_tokens(kit, order):
+    """Under Deep Shrink every row (the reference too) is downscaled alike, so KV concatenation
+    holds on the tokens each layer gets, fewer than the layer's nominal grid at the shrunk
+    levels; the result differs from Deep Shrink alone."""
+    control = ReferenceAttentionControl(kit["reference"], blocks="output", schedule="concat:0-1")
+    checked = _check_concat(control, lambda q, k: True)
+    args = (kit["positive"], kit["negative"])
+    out = sample(_both_orders(kit, deep_shrink, control)[order], *args, steps=STEPS, size=SIZE)
+    assert checked and any(tokens < (SIZE // 2 ** level) ** 2 for level, tokens in checked)  # shrunk layers acted on
+    assert not torch.allclose(out, sample(deep_shrink(kit["model"]), *args, steps=STEPS, size=SIZE), atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["patch first", "control first"])
+def test_deep_shrink_with_mca_ctrl_masks_at_the_downscaled_grid(kit, order):
+    """MCA-Ctrl under Deep Shrink: SALQ/SAGI run on every layer, at the shrunk layers on the
+    downscaled grid (its masks resampled to the tokens the layer gets), never passed through."""
+    control = _mca(kit)
+    spy = Spy(control, "_mca_attention")
+    args = (kit["positive"], kit["negative"])
+    out = sample(_both_orders(kit, deep_shrink, control)[order], *args, steps=STEPS, size=SIZE)
+    assert spy.shapes and all(rows == layout for _, rows, _, layout in spy.shapes)
+    assert any(tokens < (SIZE // 2 ** level) ** 2 for level, _, tokens, _ in spy.shapes)  # the shrunk grid
+    assert not torch.allclose(out, sample(deep_shrink(kit["model"]), *args, steps=STEPS, size=SIZE), atol=1e-4)
 
 
 @pytest.mark.parametrize("order", ["patch first", "control first"])
