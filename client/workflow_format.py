@@ -237,14 +237,15 @@ class TinySubstitute:
 
     ``make_inputs(original_inputs, family)`` gives the tiny loader's inputs;
     ``output_slots[i]`` is the tiny node's output slot for the core node's slot ``i``
-    (None: same order). ``model_file`` is (models/ folder, input) of the file the core
-    loader reads, so that a test server can list the file name without having the file.
+    (None: same order). ``model_file`` is (models/ folder, input, ...) of the files the core
+    loader reads (DualCLIPLoader: two inputs), so that a test server can list the file names
+    without having the files.
     """
 
     tiny_class: str
     make_inputs: Callable[[dict, str], dict]
     output_slots: tuple[int, ...] | None = None
-    model_file: tuple[str, str] | None = None
+    model_file: tuple[str, ...] | None = None
 
 
 TINY_SEED = 0
@@ -270,9 +271,14 @@ def register_tiny_substitute(core_class: str, substitute: TinySubstitute) -> Non
 # separately: each of these loaders becomes the tiny checkpoint of the workflow's family,
 # its one output taken from the tiny loader's MODEL (0), CLIP (1) or VAE (2) slot.
 DIT_LOADER_SLOTS = {"UNETLoader": 0, "DualCLIPLoader": 1, "TripleCLIPLoader": 1, "VAELoader": 2}
+DIT_LOADER_FILES = {"UNETLoader": ("diffusion_models", "unet_name"),
+                    "DualCLIPLoader": ("text_encoders", "clip_name1", "clip_name2"),
+                    "TripleCLIPLoader": ("text_encoders", "clip_name1", "clip_name2", "clip_name3"),
+                    "VAELoader": ("vae", "vae_name")}
 for _core_class, _slot in DIT_LOADER_SLOTS.items():
     register_tiny_substitute(_core_class, TinySubstitute(
-        "QKVTinyCheckpointLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}, (_slot,)))
+        "QKVTinyCheckpointLoader", lambda inputs, family: {"family": family, "seed": TINY_SEED}, (_slot,),
+        model_file=DIT_LOADER_FILES[_core_class]))
 # Filename (or loader type) tags of the diffusion-transformer families, checked first; "t5xxl"
 # (a T5-XXL text encoder file) is no SDXL hint.
 _DIT_HINTS = (("schnell", "flux_schnell"), ("flux", "flux"), ("sd3", "sd35"), ("sd_3", "sd35"))
@@ -286,10 +292,11 @@ def substituted_model_files(prompt: dict, substitutes: dict[str, TinySubstitute]
         sub = table.get(node["class_type"])
         if sub is None or sub.model_file is None:
             continue
-        folder, input_name = sub.model_file
-        name = node["inputs"].get(input_name)
-        if isinstance(name, str) and name:
-            files.setdefault(folder, set()).add(name)
+        folder, *input_names = sub.model_file
+        for input_name in input_names:
+            name = node["inputs"].get(input_name)
+            if isinstance(name, str) and name:
+                files.setdefault(folder, set()).add(name)
     return files
 
 

@@ -32,13 +32,12 @@ from qkv_control.nodes.adain_noise import QKVAdaINNoise
 from qkv_control.nodes.ddim_inversion import QKVDDIMInversion
 from qkv_control.nodes.image_prompt_guidance import QKVImagePromptGuidance
 from qkv_control.nodes.indetail_ip import QKVInDetailReferenceAttention
-from qkv_control.patching import keys
 from qkv_control.patching.control import ExtraRow
 from qkv_control.patching.layers import discover_layers
 from qkv_control.patching.patch import add_control
 from qkv_control.tiny.dit import cached_dit_checkpoint
 from dit_helpers import ModelRows, counting_override, dit_kit, dit_sample, sdpa_reference
-from helpers import encode
+from helpers import encode, uncond_recorder
 
 STEPS = 3
 ATOL, RTOL = 2e-5, 1e-4
@@ -180,23 +179,6 @@ def test_replacement_with_the_streams_own_kv_equals_unpatched_sampling(kit):
     got = dit_sample(patched, positive, negative, family, steps=STEPS, cfg=1.0)
     expected = dit_sample(model, positive, negative, family, steps=STEPS, cfg=1.0)
     torch.testing.assert_close(got, expected, atol=SAMPLE_RTOL * float(expected.abs().max()), rtol=0)
-
-
-def uncond_recorder(patched):
-    """Clone of ``patched`` whose post-CFG hook compares, at every step, the negative prediction
-    of the patched run with the unpatched model's at the same x and sigma."""
-    diffs = []
-
-    def post_cfg(args):
-        options = comfy.model_patcher.create_model_options_clone(args["model_options"])
-        options["transformer_options"].pop(keys.CONTROLS, None)
-        (plain,) = comfy.samplers.calc_cond_batch(args["model"], [args["uncond"]], args["input"], args["sigma"], options)
-        diffs.append(float((args["uncond_denoised"] - plain).abs().max() / plain.abs().max()))
-        return args["denoised"]
-
-    m = patched.clone()
-    m.set_model_sampler_post_cfg_function(post_cfg)
-    return m, diffs
 
 
 @pytest.mark.parametrize("policy", [None, "positive_only"])

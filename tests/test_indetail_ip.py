@@ -30,7 +30,7 @@ from qkv_control.nodes.indetail_ip import QKVInDetailReferenceAttention
 from qkv_control.patching import keys
 from qkv_control.patching.control import ExtraRow
 from qkv_control.patching.patch import add_control
-from helpers import encode, sample
+from helpers import encode, sample, uncond_recorder
 
 STEPS = 4
 SIZE = 16
@@ -199,23 +199,6 @@ def test_inversion_of_a_v_prediction_model():
 
 
 # ---------------------------------------------------------- guidance routing
-
-def uncond_recorder(patched):
-    """Clone of ``patched`` whose post-CFG hook compares, at every step, the negative
-    prediction of the patched run with the unpatched model's at the same x and sigma."""
-    diffs = []
-
-    def post_cfg(args):
-        options = comfy.model_patcher.create_model_options_clone(args["model_options"])
-        options["transformer_options"].pop(keys.CONTROLS, None)
-        (plain,) = comfy.samplers.calc_cond_batch(args["model"], [args["uncond"]], args["input"], args["sigma"], options)
-        diffs.append(float((args["uncond_denoised"] - plain).abs().max() / plain.abs().max()))
-        return args["denoised"]
-
-    m = patched.clone()
-    m.set_model_sampler_post_cfg_function(post_cfg)
-    return m, diffs
-
 
 @pytest.mark.parametrize("policy", [None, "positive_only"])
 def test_negative_branch_is_unpatched_under_positive_only(sd15, policy):

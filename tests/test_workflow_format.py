@@ -253,3 +253,22 @@ def test_promoted_widgets_name_every_input_they_feed():
         build_sweep(expansion.prompt, ["Outer.seed=1"], [], OBJECT_INFO, promoted=expansion.promoted)
     with pytest.raises(UsageError, match="widgets: seed, text"):
         build_sweep(expansion.prompt, ["10.cfg=1"], [], OBJECT_INFO, promoted=expansion.promoted)
+
+
+def test_dit_loaders_name_every_file_they_read():
+    """A Flux workflow's separate loaders (diffusion model, two text encoders, VAE) each name their
+    files by models/ folder, so a test server can list every one of them (no missing-model outline)."""
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                          "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
+        "3": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_g.safetensors",
+                                                            "clip_name2": "clip_l.safetensors",
+                                                            "clip_name3": "t5xxl_fp8.safetensors"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+    }
+    assert wf.substituted_model_files(prompt) == {
+        "diffusion_models": {"flux1-dev.safetensors"},
+        "text_encoders": {"clip_l.safetensors", "t5xxl_fp16.safetensors", "clip_g.safetensors",
+                          "t5xxl_fp8.safetensors"},
+        "vae": {"ae.safetensors"}}
