@@ -263,6 +263,14 @@ def test_workflow_screenshot_shows_no_error_outline(frontend, path):
         f"{path.name}: nodes outlined as errors in the screenshot: {entry.get('error_outlines')}")
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_nodes_do_not_hide_each_other(frontend, path):
+    # Node boxes as the frontend renders them (title bar included): no node of a shipped workflow
+    # sits on another, so the screenshot and the opened workflow show every widget.
+    entry = frontend["workflows"][path.stem]
+    assert entry.get("opened") and entry.get("overlaps") == [], f"{path.name}: overlapping nodes {entry.get('overlaps')}"
+
+
 def test_error_outline_check_can_fail(frontend):
     check = frontend.get("error_outline_self_check")
     assert check, "the browser script did not run its error-outline self-check"

@@ -199,6 +199,25 @@ async function errorOutlines(page) {
   });
 }
 
+// Pairs of top-level nodes whose rendered boxes (title bar included, as the frontend lays them
+// out) intersect: a docs screenshot where one node hides another.
+async function overlappingNodes(page) {
+  return page.evaluate(() => {
+    const boxes = window.app.graph.nodes.map((n) => {
+      const r = n.boundingRect ?? [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30];
+      return { title: n.title, x0: r[0], y0: r[1], x1: r[0] + r[2], y1: r[1] + r[3] };
+    });
+    const pairs = [];
+    for (let i = 0; i < boxes.length; i++) {
+      for (let j = i + 1; j < boxes.length; j++) {
+        const a = boxes[i], b = boxes[j];
+        if (a.x0 < b.x1 && b.x0 < a.x1 && a.y0 < b.y1 && b.y0 < a.y1) pairs.push([a.title, b.title]);
+      }
+    }
+    return pairs;
+  });
+}
+
 async function missingTypes(page) {
   return page.evaluate(() => {
     const missing = [];
@@ -269,6 +288,7 @@ async function checkWorkflow(page, name) {
   }
   await page.waitForTimeout(ERROR_SCAN_MS);
   entry.error_outlines = await errorOutlines(page);
+  entry.overlaps = await overlappingNodes(page);
   Object.assign(entry, await capturePrompt(page));
   await fitView(page);
   await screenshot(page, `workflow_${name}`);
@@ -420,6 +440,7 @@ async function checkBlueprint(page, blueprint) {
   }, blueprint);
   entry.missing_types = await missingTypes(page);
   entry.error_outlines = await errorOutlines(page);
+  entry.overlaps = await overlappingNodes(page);
   Object.assign(entry, await capturePrompt(page));
   return entry;
 }
