@@ -120,6 +120,17 @@ def print_table(title: str, rows: list[dict]) -> None:
         print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))  # noqa: T201
 
 
+def mca_masks(size):
+    """MCA-Ctrl's subject mask and target region for a ``size``-latent image (pixel masks)."""
+    import torch
+
+    subject = torch.zeros(1, size * 8, size * 8)
+    subject[:, size * 2:size * 6, size * 2:size * 6] = 1
+    region = torch.zeros(1, size * 8, size * 8)
+    region[:, size * 3:size * 7, size:size * 5] = 1
+    return subject, region
+
+
 @contextlib.contextmanager
 def random_full_size_sd15():
     """A random full-size SD1.5 UNet (ModelPatcher) written to a temp file (~1.7 GB) and loaded

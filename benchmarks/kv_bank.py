@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import time
 
-from common import PeakMemory, argument_parser, bootstrap, memory_columns, print_table, random_full_size_sd15
+from common import (PeakMemory, argument_parser, bootstrap, mca_masks, memory_columns, print_table,
+                    random_full_size_sd15)
 
 bootstrap()
 os.environ.setdefault("QKV_KV_BANK_MB", "auto")
@@ -63,14 +64,6 @@ class Rows:
         self.handle.remove()
 
 
-def _masks(size):
-    subject = torch.zeros(1, size * 8, size * 8)
-    subject[:, size * 2:size * 6, size * 2:size * 6] = 1
-    region = torch.zeros(1, size * 8, size * 8)
-    region[:, size * 3:size * 7, size:size * 5] = 1
-    return subject, region
-
-
 def _cases(model, context_dim, size, steps):
     """name -> (run(), prepare()), in order: prepare() puts the bank in the case's state."""
     import nodes as comfy_nodes
@@ -87,7 +80,7 @@ def _cases(model, context_dim, size, steps):
     def conflict_free(m):
         return set_transformer_option(m, keys.IMAGE_PROMPT_POLICY, ImagePromptPolicy("positive_only"))
 
-    subject_mask, region = _masks(size)
+    subject_mask, region = mca_masks(size)
     indetail = conflict_free(add_control(model, ReferenceAttentionControl(reference)))
     replace = MCACtrl(Streams(subject, scene), Masks(subject_mask, region), Schedule(mca.PhaseSchedule(0.1, 1.0)))
     mca_cf, mca_official = conflict_free(add_control(model, replace)), add_control(model, replace)

@@ -19,7 +19,8 @@ import os
 
 import time
 
-from common import PeakMemory, argument_parser, bootstrap, memory_columns, print_table, random_full_size_sd15
+from common import (PeakMemory, argument_parser, bootstrap, mca_masks, memory_columns, print_table,
+                    random_full_size_sd15)
 
 bootstrap()
 # The rows a first run computes (the cold path); benchmarks/kv_bank.py measures the K/V bank.
@@ -89,20 +90,12 @@ def _interleaved(cases: dict, repeats: int):
     return best, peak
 
 
-def _masks(size):
-    subject = torch.zeros(1, size * 8, size * 8)
-    subject[:, size * 2:size * 6, size * 2:size * 6] = 1
-    region = torch.zeros(1, size * 8, size * 8)
-    region[:, size * 3:size * 7, size:size * 5] = 1
-    return subject, region
-
-
 def _rows(name, model, context_dim, size, steps, repeats):
     pos, neg = _conditioning(context_dim, 1), _conditioning(context_dim, 2)
     generator = torch.Generator().manual_seed(3)
     subject, _ = invert(model, torch.randn(1, 4, size, size, generator=generator) * 0.5, steps, "normal")
     scene, _ = invert(model, torch.randn(1, 4, size, size, generator=generator) * 0.5, steps, "normal")
-    subject_mask, region = _masks(size)
+    subject_mask, region = mca_masks(size)
     schedule = Schedule(mca.PhaseSchedule(0.1, 1.0))
 
     def conflict_free(model):
