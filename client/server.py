@@ -31,6 +31,12 @@ MODEL_FOLDERS = (
 )
 
 
+# A picked port another process took before the server bound it ("Port N is already in use",
+# or the bind error "Address already in use"): the server starts again on another port.
+PORT_TAKEN = "already in use"
+PORT_ATTEMPTS = 3
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -151,8 +157,22 @@ class ComfyServer:
         return cmd + list(self.extra_args)
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        if self.port == 0:
-            self.port = free_port(self.host)
+        picked = self.port == 0
+        for attempt in range(PORT_ATTEMPTS if picked else 1):
+            if picked:
+                self.port = free_port(self.host)
+            self._launch()
+            try:
+                self.wait_ready(timeout)
+                return self
+            except BaseException:
+                self.stop()
+                # Between picking the port and binding it another process took it: pick again.
+                if not (picked and attempt + 1 < PORT_ATTEMPTS and PORT_TAKEN in self.log_text().lower()):
+                    raise
+        return self
+
+    def _launch(self) -> None:
         env = dict(os.environ)
         env.pop(TINY_MODELS_ENV, None)
         if self.tiny_models:
@@ -167,12 +187,6 @@ class ComfyServer:
         finally:
             if self.log_path:
                 log.close()
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -181,12 +195,19 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} before it was ready"
                                    f"{self._log_tail()}")
             try:
-                if requests.get(f"{self.url}/system_stats", timeout=2).ok:
+                response = requests.get(f"{self.url}/system_stats", timeout=2)
+                # The port was free when picked; another process may have taken it since: answer
+                # only to our own server (its argv holds the command we ran).
+                if response.ok and self._is_ours(response.json()):
                     return
-            except requests.RequestException:
+            except (requests.RequestException, ValueError):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"ComfyUI at {self.url} not ready after {timeout:.0f} s{self._log_tail()}")
+
+    def _is_ours(self, stats: dict) -> bool:
+        argv = (stats.get("system") or {}).get("argv")
+        return not isinstance(argv, list) or argv[1:] == self.command()[2:]
 
     def _log_tail(self, lines: int = 40) -> str:
         if not self.log_path or not Path(self.log_path).exists():

@@ -168,24 +168,27 @@ def test_truncated_safetensors_and_garbage_are_rejected(tmp_path):
 
 
 class _Payload:
+    """Unpickling this would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/qkv_ipadapter_pwned",))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 # torch warns that the hostile file uses pickle protocol 4: expected, the file is refused anyway.
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_pickled_code_never_runs(tmp_path):
-    marker = "/tmp/qkv_ipadapter_pwned"
-    if os.path.exists(marker):
-        os.remove(marker)
+    marker = tmp_path / "the_code_ran"
     path = tmp_path / "evil.bin"
     state = _state()
-    state["extra"] = _Payload()
+    state["extra"] = _Payload(marker)
     with open(path, "wb") as fh:
         pickle.dump(state, fh)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_file(str(path))
-    assert not os.path.exists(marker)
+    assert not marker.exists()
 
 
 def test_family_mismatch_names_both(adapter_dir):

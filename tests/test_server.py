@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,31 @@ def test_every_pack_node_output_has_a_tooltip(comfy_server):
             if index >= len(tooltips) or not str(tooltips[index] or "").strip():
                 missing.append(f"{name}.{output_name}")
     assert not missing, f"pack node outputs without a tooltip: {missing}"
+
+
+def test_a_port_taken_after_it_was_picked_is_picked_again(tmp_path, monkeypatch):
+    """Two suites side by side (``make test``'s passes) can pick the same free port: the server
+    that loses the race starts again on another port, and talks only to itself."""
+    import socket
+
+    from qkv_control.client import server as server_module
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    picks = iter([port])
+    real_free_port = server_module.free_port
+    monkeypatch.setattr(server_module, "free_port", lambda host: next(picks, None) or real_free_port(host))
+    server_module.make_base_directory(tmp_path / "base")
+    server = server_module.ComfyServer(comfyui=server_module.comfyui_path(), python=sys.executable,
+                                       base_directory=tmp_path / "base", output_directory=tmp_path / "output",
+                                       temp_directory=tmp_path / "temp", user_directory=tmp_path / "user",
+                                       log_path=tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"})
+    try:
+        with server:
+            assert server.port != port
+            stats = requests.get(f"{server.url}/system_stats", timeout=10).json()
+            assert str(server.port) in stats["system"]["argv"]
+    finally:
+        taken.close()
