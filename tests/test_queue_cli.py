@@ -38,12 +38,19 @@ def test_sweep_product_and_zip():
         sweep.items(zipped=True)
 
 
-def _cli(server_url: str, out: Path, *extra: str) -> list[str]:
+def _cli(server_url: str, out: Path, *extra: str, seeds: int = 3, steps: int = 6) -> list[str]:
     return [sys.executable, "-m", "client.queue", str(BASELINE), "--out", str(out), "--server", server_url, "--tiny",
-            "--set", "KSampler.seed=1..3",
+            "--set", f"KSampler.seed=1..{seeds}",
             "--set", 'Positive.text=["a red fox in the snow", "a lighthouse at dusk"]',
             "--set", "Empty Latent Image.width=64", "--set", "Empty Latent Image.height=64",
-            "--set", "KSampler.steps=6", *extra]
+            "--set", f"KSampler.steps={steps}", *extra]
+
+
+# The interrupted sweep: enough items, and steps, that the first run is still going when the test
+# has seen two items done and sends SIGINT, even on a loaded 2-core machine (6 items of 6 steps
+# once all finished between two looks at the manifest).
+INTERRUPTED_SWEEP = {"seeds": 6, "steps": 12}
+INTERRUPTED_ITEMS = 2 * INTERRUPTED_SWEEP["seeds"]
 
 
 def _manifest_items(out: Path) -> list[dict]:
@@ -57,7 +64,7 @@ def _manifest_items(out: Path) -> list[dict]:
 @pytest.mark.server
 def test_sweep_interrupted_and_resumed(comfy_server, tmp_path):
     out = tmp_path / "sweep"
-    first = subprocess.Popen(_cli(comfy_server.url, out), cwd=ROOT, stdout=subprocess.PIPE,
+    first = subprocess.Popen(_cli(comfy_server.url, out, **INTERRUPTED_SWEEP), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -73,25 +80,25 @@ def test_sweep_interrupted_and_resumed(comfy_server, tmp_path):
             first.kill()
     assert first.returncode == 130, first_output
     done_first = {i["key"]: i["prompt_id"] for i in _manifest_items(out) if i["status"] == "done"}
-    assert 2 <= len(done_first) < 6, first_output
+    assert 2 <= len(done_first) < INTERRUPTED_ITEMS, first_output
 
     # Resume with a second "server" (the same one under another name): items spread over two workers.
     second_server = comfy_server.url.replace("127.0.0.1", "localhost")
-    second = subprocess.run(_cli(comfy_server.url, out, "--server", second_server), cwd=ROOT,
+    second = subprocess.run(_cli(comfy_server.url, out, "--server", second_server, **INTERRUPTED_SWEEP), cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     items = _manifest_items(out)
-    assert len(items) == 6 and all(i["status"] == "done" for i in items)
+    assert len(items) == INTERRUPTED_ITEMS and all(i["status"] == "done" for i in items)
     # Finished items were not run again.
     assert {k: i["prompt_id"] for i in items for k in [i["key"]] if k in done_first} == done_first
     files = [f for i in items for f in i["files"]]
-    assert len(files) == 6 and len(set(files)) == 6
+    assert len(files) == INTERRUPTED_ITEMS and len(set(files)) == INTERRUPTED_ITEMS
     assert all((out / f).is_file() for f in files)
     assert {i["server"] for i in items} == {comfy_server.url, second_server}
     assert {(i["params"]["KSampler.seed"], i["params"]["Positive.text"]) for i in items} == {
-        (s, t) for s in (1, 2, 3) for t in ("a red fox in the snow", "a lighthouse at dusk")}
+        (s, t) for s in range(1, INTERRUPTED_SWEEP["seeds"] + 1) for t in ("a red fox in the snow", "a lighthouse at dusk")}
     # Different seeds give different images.
-    assert len({(out / f).read_bytes() for f in files}) == 6
+    assert len({(out / f).read_bytes() for f in files}) == INTERRUPTED_ITEMS
 
 
 @pytest.mark.server
