@@ -39,7 +39,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-
 from ..patching.user_settings import read_setting
 from .fingerprint import Guards
 
@@ -121,6 +120,7 @@ def setting_budget_mb() -> Optional[float]:
             _warned_setting = repr(value)
             logger.warning("%s; ignored: the budget comes from $%s or the automatic one", error, ENV_BUDGET)
         return None
+    _warned_setting = None
     return mb or None
 
 
