@@ -192,6 +192,44 @@ def test_a_request_that_needs_no_memory_takes_none(kit, device_bank):
     assert (BANK.compute_bytes, list(mm.loaded_models())) == before and before[0] == BANK.nbytes > 0
 
 
+@pytest.mark.parametrize("listed", [True, False])
+def test_comfyui_takes_the_banks_memory_before_a_models(kit, device_bank, monkeypatch, listed):
+    """``free_memory`` for half of what the bank holds on the device, with the tiny model loaded:
+    ComfyUI's own order takes it from the bank (the oldest steps, at least that much, not all) and
+    leaves the model loaded in full. Without the residency in ComfyUI's list (``listed=False``, the
+    bank before this change) the same request partially unloads the model instead.
+
+    The CPU has no device memory to measure, so ComfyUI's ``get_free_memory`` is given a device of
+    ``DEVICE_BYTES`` that the listed models' loaded bytes and the bank's device bytes use (only that
+    function is replaced; ``free_memory``'s order and amounts are ComfyUI's)."""
+    DEVICE_BYTES = 8 << 30
+    model = indetail(kit["model"], kit["reference"])
+    cold, _ = run(kit, model)
+    (loaded_model,) = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is kit["model"].model]
+    weights = loaded_model.model_loaded_memory()
+    if not listed:
+        mm.current_loaded_models[:] = [m for m in mm.current_loaded_models
+                                       if not isinstance(m.model, bank_residency.BankResidency)]
+
+    def device_free(dev=None, torch_free_too=False):
+        used = BANK.compute_bytes + sum(m.model.loaded_size() for m in mm.current_loaded_models
+                                        if m.model is not None and not isinstance(m.model, bank_residency.BankResidency))
+        return (DEVICE_BYTES - used,) * 2 if torch_free_too else DEVICE_BYTES - used
+
+    monkeypatch.setattr(mm, "get_free_memory", device_free)
+    held = BANK.compute_bytes
+    assert weights > held > 0
+    unloaded = mm.free_memory(device_free() + held // 2, torch.device("cpu"))
+    if listed:
+        assert unloaded == [] and loaded_model.model_loaded_memory() == weights
+        assert held // 2 <= held - BANK.compute_bytes < held and _on_compute()[-1] and not _on_compute()[0]
+        warm, rows = run(kit, model)
+        assert rows == [2] * STEPS
+        assert_warm_equals(warm, cold)
+    else:
+        assert BANK.compute_bytes == held and loaded_model.model_loaded_memory() < weights
+
+
 def test_reloading_the_loaded_models_keeps_the_entries(kit, device_bank):
     """``load_models_gpu(loaded_models(only_currently_used=True))``, what ComfyUI's ControlNet and
     model-patch nodes do around a VAE encode, detaches every loaded model without unpatching and
