@@ -4,8 +4,8 @@
 partial unload) giving the bank's compute-device entries back, still served afterwards.
 
 Memory manager tests on CPU: the machine has one device, so the run is told the CPU has a separate
-offload device (``reference_kv.separate_offload_device``: the one thing patched); everything else is
-the real path: the room estimate from ComfyUI's functions (RAM standing in for device memory), the
+offload device (``reference_kv.separate_offload_device``: the one thing patched, and in one test
+ComfyUI's ``get_free_memory``, given a simulated device); everything else is the real path: the room estimate from ComfyUI's functions (RAM standing in for device memory), the
 residency registered with ComfyUI's ``load_models_gpu``, and ComfyUI's own free-memory functions.
 Entries then count as on the compute device and moving them is the bookkeeping that is tested (both
 "devices" are the CPU: no bytes move between memories here).
