@@ -11,8 +11,9 @@ This module is the store: step entries keyed by (stream key, sigma) (the key is 
 ``reference_kv.BankSession``), each holding ``{layer key: {field: tensor}}`` (``k``, ``v``, and
 ``q`` where a reader needs the stream's queries) in the dtype they were computed in.
 
-- **Budget** (bytes, over wherever entries lie): the Reference K/V Bank node's ``budget_mb``, else
-  ``$QKV_KV_BANK_MB``, else a quarter of the RAM available when the bank is first used.
+- **Budget** (bytes, over wherever entries lie; ``budget_in_force``): the Reference K/V Bank node's
+  ``budget_mb``, else ComfyUI's setting ``SETTING_BUDGET`` (read from the settings file when a run
+  starts), else ``$QKV_KV_BANK_MB``, else a quarter of the RAM available when the bank is first used.
 - **LRU eviction** over step entries, sparing what a running run needs: entries a running run has
   used or stored, and a committing stream's own steps at sigmas of its run's schedule (its later
   steps). When the budget is still short a new step is not admitted, so a run whose steps exceed
@@ -20,6 +21,8 @@ This module is the store: step entries keyed by (stream key, sigma) (the key is 
 - **Where entries lie**: on the compute device while the room there allows (``make_room``, set
   when a run starts, before ComfyUI loads the run's models), else on the model's offload device;
   a step read from there is moved to the compute device layer by layer, when a layer reads it.
+  ComfyUI's free-memory requests reach the device entries through ``bank_residency``
+  (``give_back``: moved to the offload device, least recently used first).
 - **Commit only complete steps** (``commit`` takes a whole step): an interrupted run leaves
   nothing half filled.
 - **Stale entries**: a stream's guards (``fingerprint.Guards``: the model and the patch objects
@@ -36,18 +39,22 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-
+from ..patching.user_settings import read_setting
 from .fingerprint import Guards
 
 logger = logging.getLogger("qkv_control")
 
 ENV_BUDGET = "QKV_KV_BANK_MB"
+# The frontend's settings entry (web/js/kv_bank_setting.js), stored in the user's comfy.settings.json.
+SETTING_BUDGET = "QKVControl.KVBank.BudgetMB"
+SETTING_BUDGET_NAME = "Settings > QKV Control > Reference K/V bank budget (MiB)"
 # The automatic budget: this share of the RAM available when the bank is first used (the offload
 # device, where the bank's entries end up when the compute device is short).
 AUTOMATIC_RAM_SHARE = 0.25
 MB = 1024 * 1024
 
 _automatic_bytes: Optional[int] = None
+_warned_setting: Optional[str] = None  # the bad setting value last warned about (once per value)
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class BankSettings:
     """What the Reference K/V Bank node sets on a model (configuration only).
 
     enabled:   whether runs of this model read and fill the bank
-    budget_mb: the bank's byte budget in MiB; None: ``$QKV_KV_BANK_MB`` or the automatic one
+    budget_mb: the bank's byte budget in MiB; None: ComfyUI's setting, ``$QKV_KV_BANK_MB`` or the automatic one
     node_id:   the node that set them (the run's status text goes there)
     """
 
@@ -96,11 +103,35 @@ def automatic_budget_bytes() -> int:
     return _automatic_bytes
 
 
+def setting_budget_mb() -> Optional[float]:
+    """The budget in MiB from ComfyUI's settings (``SETTING_BUDGET``), None where it is not set or
+    0. A bad value logs a warning naming the setting (once per value) and counts as not set."""
+    global _warned_setting
+    value = read_setting(SETTING_BUDGET)
+    if value is None:
+        return None
+    what = f"the ComfyUI setting '{SETTING_BUDGET}' ({SETTING_BUDGET_NAME})"
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"QKV Control: expected {what} to be a size in MiB >= 0, got {value!r}")
+        mb = parse_budget_mb(str(value), what)
+    except ValueError as error:
+        if _warned_setting != repr(value):
+            _warned_setting = repr(value)
+            logger.warning("%s; ignored: the budget comes from $%s or the automatic one", error, ENV_BUDGET)
+        return None
+    _warned_setting = None
+    return mb or None
+
+
 def budget_in_force(settings: BankSettings) -> tuple[int, str]:
-    """(bytes, where they come from) of the budget for a run: the node's, else the environment's,
-    else the automatic one."""
+    """(bytes, where they come from) of the budget for a run: the node's, else ComfyUI's setting,
+    else the environment's, else the automatic one."""
     if settings.budget_mb is not None:
         return int(settings.budget_mb * MB), "the Reference K/V Bank node"
+    mb = setting_budget_mb()
+    if mb is not None:
+        return int(mb * MB), f"ComfyUI setting {SETTING_BUDGET_NAME}"
     mb = parse_budget_mb(os.environ.get(ENV_BUDGET, ""))
     if mb is not None:
         return int(mb * MB), f"${ENV_BUDGET}"
@@ -291,16 +322,32 @@ class KVBank:
             if self._room is None:  # entries so far counted as on the (one) device
                 self.compute_bytes = sum(e.nbytes for e in self._steps.values() if e.on_compute)
             self._room = max(0, int(room))
-            moved = 0
-            for entry in list(self._steps.values()):
-                if self.compute_bytes <= self._room:
-                    break
-                if entry.on_compute:
-                    entry.tensors = _moved(entry.tensors, offload_device)
-                    entry.on_compute = False
-                    self.compute_bytes -= entry.nbytes
-                    moved += entry.nbytes
+            return self._move_off(self.compute_bytes - self._room)
+
+    def give_back(self, nbytes: Optional[int]) -> int:
+        """ComfyUI's memory manager asks for ``nbytes`` of the compute device (None: all of it,
+        ``bank_residency``): move the least recently used device entries to the offload device
+        until that much is freed, and keep the room there for the rest of the run. Returns the bytes
+        moved."""
+        with self._lock:
+            if self._room is None:
+                return 0
+            moved = self._move_off(self.compute_bytes if nbytes is None else nbytes)
+            self._room = self.compute_bytes
             return moved
+
+    def _move_off(self, nbytes: float) -> int:
+        """Move device entries, least recently used first, to the offload device until ``nbytes``."""
+        moved = 0
+        for entry in list(self._steps.values()):
+            if moved >= nbytes:
+                break
+            if entry.on_compute:
+                entry.tensors = _moved(entry.tensors, self._offload)
+                entry.on_compute = False
+                self.compute_bytes -= entry.nbytes
+                moved += entry.nbytes
+        return moved
 
     def clear(self) -> None:
         with self._lock:

@@ -253,13 +253,14 @@ def _device_room(run) -> tuple[Optional[int], Optional[torch.device]]:
     """(bytes the bank may keep on the compute device, the offload device) at the run's start,
     before ComfyUI loads the run's models: the device's free memory, plus what the bank holds
     there, minus what this run's models still need to load and run, ComfyUI's minimum inference
-    memory and ``DEVICE_RESERVE_SHARE`` of the device. (None, None) where the compute device is
-    the offload device (CPU, ``--gpu-only``)."""
+    memory and ``DEVICE_RESERVE_SHARE`` of the device; 0 where ComfyUI's memory manager does not
+    track the bank's device bytes (``bank_residency.track``). (None, None) where the compute device
+    is the offload device (CPU, ``--gpu-only``)."""
     import comfy.model_management as mm
 
     model = run.model_patcher
     device, offload = model.load_device, model.offload_device
-    if device == offload or torch.device(device).type == "cpu":
+    if not separate_offload_device(device, offload):
         return None, None
     try:
         needed = 0
@@ -273,7 +274,17 @@ def _device_room(run) -> tuple[Optional[int], Optional[torch.device]]:
     except Exception:  # noqa: BLE001 - an estimate that fails keeps the bank off the device
         logger.debug("QKV Control: K/V bank room estimate failed", exc_info=True)
         room = 0
+    from .bank_residency import track
+
+    # Device entries only while ComfyUI's memory manager can ask for them back.
+    if room > 0 and not track(device, offload):
+        room = 0
     return max(0, int(room)), offload
+
+
+def separate_offload_device(device, offload) -> bool:
+    """Whether entries can leave the compute device for another (not CPU, not ``--gpu-only``)."""
+    return device != offload and torch.device(device).type != "cpu"
 
 
 def send_status(node_id: Optional[str], text: str) -> None:

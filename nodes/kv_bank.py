@@ -48,8 +48,10 @@ class QKVReferenceKVBank(io.ComfyNode):
                 io.Int.Input("budget_mb", default=0, min=0, max=MAX_BUDGET_MB, step=64,
                              tooltip="The bank's memory budget in MiB (the whole bank, wherever it lies: GPU while "
                                      "there is room, else the offload device); the least recently used steps are "
-                                     f"evicted beyond it. 0: ${kv_bank.ENV_BUDGET} if set, else a quarter of the "
-                                     "RAM available. A step costs about 28 MB for SD1.5 (InDetail-IP, 512 px, "
+                                     "evicted beyond it. Non-zero: this budget. 0: ComfyUI's setting "
+                                     f"({kv_bank.SETTING_BUDGET_NAME}) if set, else ${kv_bank.ENV_BUDGET} if set, "
+                                     "else a quarter of the RAM available. The text below says which is in "
+                                     "force. A step costs about 28 MB for SD1.5 (InDetail-IP, 512 px, "
                                      "fp16), 220 MB for SDXL (1024 px); see docs/kv_bank.md."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the bank's settings (a clone; the input is unchanged).")],

@@ -57,6 +57,7 @@ CHROMIUM = Path(os.environ.get("QKV_CHROMIUM", "/usr/bin/chromium"))
 PACK = "qkv_control"  # the folder name the test server links the pack under (client/server.py)
 PACK_MODULE = f"custom_nodes.{PACK}"
 EXTENSION_NAME = "qkv_control.appearance"  # web/js/qkv_control.js
+KV_BANK_SETTING = "QKVControl.KVBank.BudgetMB"  # web/js/kv_bank_setting.js, inversion/kv_bank.py
 TIMEOUT_S = 600
 
 
@@ -175,6 +176,7 @@ def frontend(request, tmp_path_factory):
         "graphs": [{"name": NESTED, "workflow": _fixtures().nested_subgraph_workflow()}]
         + [{"name": f"wrapped_{slug(path)}", "workflow": wrapped_blueprint(path, info)} for path in BLUEPRINTS],
         "searches": [{"query": query, "expect": names.get(target, target)} for query, target in ALIAS_SEARCHES],
+        "settings": [{"id": KV_BANK_SETTING, "probe": 320}],
         "error_check": {"workflow": json.loads((ROOT / "workflows" / "baseline_txt2img.json").read_text()), "node": 1,
                         "value": "qkv_no_such_model.safetensors"},
         "screenshot_dir": str(screenshots),
@@ -209,6 +211,21 @@ def test_frontend_loads_the_extension_without_errors(frontend):
     assert not thumbnails, f"template thumbnails missing (run `make screenshots`): {thumbnails}"
     assert not failed, f"pack files failed to load: {failed}"
     assert not frontend["extension_errors"], f"console errors from the pack's scripts: {frontend['extension_errors']}"
+
+
+def test_the_kv_bank_budget_setting_is_registered_and_stored_where_the_server_reads_it(frontend):
+    """The frontend lists the setting (a number, default 0 = not set, under QKV Control), and setting
+    it from the frontend stores it in the user's settings on the server (GET /settings/<id>), the
+    file the bank reads when a run starts (tests/test_kv_bank_server.py runs a prompt with it)."""
+    from qkv_control.inversion import kv_bank
+
+    assert KV_BANK_SETTING == kv_bank.SETTING_BUDGET
+    setting = frontend["settings"][KV_BANK_SETTING]
+    assert setting["registered"], setting
+    assert (setting["type"], setting["default_value"], setting["category"][0]) == ("number", 0, "QKV Control")
+    assert kv_bank.SETTING_BUDGET_NAME.endswith(f"> {setting['name']}"), setting["name"]  # what warnings name
+    assert "QKV_KV_BANK_MB" in setting["tooltip"] and setting["value"] == 0
+    assert setting["stored_after_set"] == 320 and setting["stored_after_restore"] == 0, setting
 
 
 def test_pack_nodes_appear_in_node_search_with_descriptions(frontend, comfy_server):

@@ -54,6 +54,11 @@ def bank(monkeypatch):
 
 @pytest.fixture(scope="module")
 def kit():
+    return make_kit()
+
+
+def make_kit() -> dict:
+    """The tiny SD1.5 model, its texts and inverted references (tests/test_kv_bank_memory.py too)."""
     model, clip, _ = tiny_checkpoint("sd15")
     positive, negative = encode(clip, "a red fox in the snow"), encode(clip, "bad quality")
     empty = encode(clip, "")

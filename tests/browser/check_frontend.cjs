@@ -8,6 +8,7 @@
 //          blueprints: [{name, category, sources: {id: {type, title, widgets}}, links: [[source, slot, input]], widgets: {name: value},
 //                        output, prefix, screenshot}],
 //          graphs: [{name, workflow}], searches: [{query, expect}], error_check: {workflow, node, widget, value},
+//          settings: [{id, probe}],
 //          screenshot_dir, result_path, chromium, user_data_dir}
 "use strict";
 
@@ -38,6 +39,7 @@ const result = {
   blueprints: {},
   graphs: {},
   alias_searches: [],
+  settings: {},
   screenshots: [],
   timings: {},
   fatal: null,
@@ -99,6 +101,26 @@ async function closeDialogs(page) {
 async function setSetting(page, id, value) {
   await page.evaluate(([id, value]) => window.app.extensionManager?.setting?.set(id, value), [id, value])
     .catch(() => {});
+}
+
+// A pack setting as the frontend has it (its definition, its value), and where setting it from the
+// frontend stores it: the server's GET /settings/<id> after set(id, probe); the value is put back.
+async function checkSetting(page, setting) {
+  return page.evaluate(async ({ id, probe }) => {
+    const store = window.app.extensionManager.setting;
+    const definition = window.app.ui.settings.settingsLookup?.[id];
+    const before = store.get(id);
+    await store.set(id, probe);
+    const stored = await (await fetch(`api/settings/${encodeURIComponent(id)}`)).json();
+    await store.set(id, before);
+    const restored = await (await fetch(`api/settings/${encodeURIComponent(id)}`)).json();
+    return {
+      registered: Boolean(definition),
+      name: definition?.name ?? null, type: definition?.type ?? null, category: definition?.category ?? null,
+      default_value: definition?.defaultValue ?? null, tooltip: definition?.tooltip ?? "",
+      value: before, stored_after_set: stored, stored_after_restore: restored,
+    };
+  }, setting);
 }
 
 async function openSearchBox(page) {
@@ -492,6 +514,10 @@ async function main() {
     await setSetting(page, "LiteGraph.Canvas.MinFontSizeForLOD", 0);
     await setSetting(page, "Comfy.Graph.CanvasInfo", false);  // no FPS counter in the screenshots
     await closeDialogs(page);
+
+    await timed("settings", async () => {
+      for (const setting of config.settings ?? []) result.settings[setting.id] = await checkSetting(page, setting);
+    });
 
     await timed("search", async () => {
       for (const node of config.nodes) {
