@@ -13,8 +13,10 @@ and asks it two things:
   else None.
 
 What a step needs is the control's ``needs(sigma)``: ``{layer key: fields}`` (``FIELDS_KV``, or
-``FIELDS_QKV`` where the stream's queries are read, as MCA-Ctrl's SAGI does). A bank entry serves a
-later run when it holds all of them.
+``FIELDS_QKV`` where the stream's queries are read, as MCA-Ctrl's SAGI does; on a DiT SAGI also
+reads the stream's own text keys, ``FIELDS_CONTEXT``). A bank entry serves a later run when it holds
+all of them. On a DiT's joint attention an entry holds the stream's image tokens only (after the
+model's q/k norms and RoPE), plus its text and Kontext tokens where ``FIELDS_CONTEXT`` are needed.
 
 The bank key of a stream row at a call (``BankSession.key_for``), everything that changes what
 the row computes:
@@ -26,9 +28,14 @@ the row computes:
    and every registered control that changes stream rows (``AttentionControl.changes_stream_rows``);
 3. the stream: the inversion's content key (``InversionResult.key``: image latent, schedule,
    clean level, inversion prompt, the inversion model's patches), the row's role, and its text
-   (context and per-row inputs: the inversion prompt, or MCA-Ctrl's CFG branch text);
-4. the call: the latent size the stream is fitted to, and every per-row input the row borrows from
-   the sampler rows (``branch_rows.borrowed_inputs``: an inpainting model's ``c_concat``);
+   (context and per-row inputs: the inversion prompt, or MCA-Ctrl's CFG branch text; on a DiT
+   these include the pooled ``y``, Flux's ``guidance`` and Kontext's ``ref_latents``);
+4. the call: the latent size the stream is fitted to (on a DiT also its RoPE positions), every
+   per-row input the row borrows from the sampler rows (``branch_rows.borrowed_inputs``: an
+   inpainting model's ``c_concat``, Kontext reference latents the inversion did not have), the
+   inputs every row shares (``branch_rows.shared_inputs``: Kontext's ``ref_latents_method``) and,
+   on a DiT, the text length the row runs at (``BankSession.text_tokens``: its text is zero-padded
+   to the call's; a step another extra row padded further is not stored);
 5. the sigma (exact), per step entry; and the (layer, field)s read, as the entry's coverage.
 
 The bank is off for a run whose model has hook patches (weights that change with the step), for

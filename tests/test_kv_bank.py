@@ -573,8 +573,9 @@ def test_step_size_formula_matches_what_a_run_stores(kit, bank):
 # RoPE positions (latent size, Kontext reference latents), the sigma: each is in the key.
 
 DIT_STEPS = 3
-DIT_CFG = {"flux": 1.0, "sd35": 3.0, "chroma": 3.0, "flux2": 3.0}  # Flux.1 dev: guidance-distilled, cfg 1
-DIT_PLAIN_ROWS = {"flux": 1, "sd35": 2, "chroma": 2, "flux2": 2}   # rows per image per step of plain sampling
+# Flux.1 dev / schnell: distilled, cfg 1 (one row per image); the others run CFG (two)
+DIT_CFG = {"flux": 1.0, "flux_schnell": 1.0, "sd35": 3.0, "chroma": 3.0, "flux2": 3.0}
+DIT_PLAIN_ROWS = {"flux": 1, "flux_schnell": 1, "sd35": 2, "chroma": 2, "flux2": 2}  # rows per image per step
 DIT_SUBJECT_MASK = _box(32, 32, 64, 64)
 DIT_REGION_MASK = _box(48, 16, 64, 80)
 LONG_PROMPT = " ".join(["a red fox in the snow"] * 25)  # over 77 CLIP tokens: SD3.5's text is 154 long
@@ -591,7 +592,7 @@ def _dit(family):
     from qkv_control.tiny.dit import TEXT_WIDTH, cached_dit_checkpoint
 
     model, positive, negative = dit_kit(family)
-    if family in ("flux", "sd35"):
+    if family in ("flux", "flux_schnell", "sd35"):
         clip = cached_dit_checkpoint(family)[1]
         prompt = functools.partial(encode, clip)
     else:  # seeded random contexts of the model's text width (dit_helpers.dit_kit)
@@ -638,7 +639,7 @@ def assert_warm_changes_plain(d, warm, **options):
     *((family, schedule, 1) for family in ("flux", "sd35")
       for schedule in (DEFAULT_SCHEDULE, "concat:0-1", "replace:0-1", "stratified:0-1")),
     ("flux", DEFAULT_SCHEDULE, 2), ("sd35", DEFAULT_SCHEDULE, 2),
-    ("chroma", DEFAULT_SCHEDULE, 1), ("flux2", DEFAULT_SCHEDULE, 1)])
+    ("flux_schnell", DEFAULT_SCHEDULE, 1), ("chroma", DEFAULT_SCHEDULE, 1), ("flux2", DEFAULT_SCHEDULE, 1)])
 def test_dit_indetail_warm_run_appends_no_stream_row(bank, family, schedule, batch):
     """InDetail-IP on every DiT family and mode, N = 1 and 2 (conflict-free: the reference row only in
     positive calls): the cold run appends the reference row (plain + 1 rows per step) and equals a run
