@@ -697,6 +697,7 @@ def _kontext(seed):
 DIT_KEY_PARTS = {
     "latent size": ("flux", {}, {"size": 24}),
     "inversion prompt (the stream's text)": ("flux", {}, {"reference": "other prompt"}),
+    "the inversion's guidance (the stream's guidance)": ("flux", {}, {"reference": "guidance 8"}),
     "Kontext reference latent": ("flux", {"positive": ("reference_latents", 5)},
                                  {"positive": ("reference_latents", 6)}),
     "the generated prompt's length (the stream's padding)": ("sd35", {}, {"positive": "long"}),
@@ -710,6 +711,8 @@ def _dit_case(d, change):
     reference = d["reference"]
     if change.get("reference") == "other prompt":
         reference = d["invert"](2, text=d["other"])
+    elif change.get("reference") == "guidance 8":
+        reference = d["invert"](2, text=with_extra(d["positive"], guidance=8.0))
     if "size" in change:
         options["size"] = change["size"]
     positive = change.get("positive")
@@ -813,15 +816,17 @@ def test_dit_mca_warm_run_appends_no_stream_row(bank, family, policy, generation
 
 
 @pytest.mark.parametrize("family,change,rows_after", [
-    ("flux", "prompt", 3), ("flux", "guidance", 3), ("sd35", "prompt", 4)])
+    ("flux", "prompt", 3), ("flux", "guidance", 3), ("sd35", "prompt", 4), ("sd35", "pooled y", 4)])
 def test_dit_mca_streams_follow_the_branch_text(bank, family, change, rows_after):
-    """MCA-Ctrl's streams run with their CFG branch's text, guidance included (Flux dev): a new prompt
-    or guidance misses that branch's streams (SD3.5 official: the negative
+    """MCA-Ctrl's streams run with their CFG branch's text, guidance (Flux dev) and pooled ``y`` (SD3.5)
+    included: a new prompt, guidance or pooled vector alone misses that branch's streams (SD3.5 official: the negative
     branch stays warm, 2 + 2 rows), and the result equals the run without the bank."""
     d = _dit(family)
     model = dit_mca(d)
     dit_run(d, model)
-    positive = {"prompt": d["other"], "guidance": with_extra(d["positive"], guidance=8.0)}[change]
+    positive = {"prompt": d["other"], "guidance": with_extra(d["positive"], guidance=8.0),
+                "pooled y": [[c, {**o, "pooled_output": o["pooled_output"] * 2}] for c, o in d["positive"]],
+                }[change]
     _, rows = dit_run(d, model, positive=positive, seed=1)
     assert rows == [rows_after] * DIT_STEPS
     warm, rows = dit_run(d, model, positive=positive, seed=2)
