@@ -13,8 +13,10 @@ and asks it two things:
   else None.
 
 What a step needs is the control's ``needs(sigma)``: ``{layer key: fields}`` (``FIELDS_KV``, or
-``FIELDS_QKV`` where the stream's queries are read, as MCA-Ctrl's SAGI does). A bank entry serves a
-later run when it holds all of them.
+``FIELDS_QKV`` where the stream's queries are read, as MCA-Ctrl's SAGI does; on a DiT SAGI also
+reads the stream's own text keys, ``FIELDS_CONTEXT``). A bank entry serves a later run when it holds
+all of them. On a DiT's joint attention an entry holds the stream's image tokens only (after the
+model's q/k norms and RoPE), plus its text and Kontext tokens where ``FIELDS_CONTEXT`` are needed.
 
 The bank key of a stream row at a call (``BankSession.key_for``), everything that changes what
 the row computes:
@@ -26,9 +28,14 @@ the row computes:
    and every registered control that changes stream rows (``AttentionControl.changes_stream_rows``);
 3. the stream: the inversion's content key (``InversionResult.key``: image latent, schedule,
    clean level, inversion prompt, the inversion model's patches), the row's role, and its text
-   (context and per-row inputs: the inversion prompt, or MCA-Ctrl's CFG branch text);
-4. the call: the latent size the stream is fitted to, and every per-row input the row borrows from
-   the sampler rows (``branch_rows.borrowed_inputs``: an inpainting model's ``c_concat``);
+   (context and per-row inputs: the inversion prompt, or MCA-Ctrl's CFG branch text; on a DiT
+   these include the pooled ``y``, Flux's ``guidance`` and Kontext's ``ref_latents``);
+4. the call: the latent size the stream is fitted to (on a DiT also its RoPE positions), every
+   per-row input the row borrows from the sampler rows (``branch_rows.borrowed_inputs``: an
+   inpainting model's ``c_concat``, Kontext reference latents the inversion did not have), the
+   inputs every row shares (``branch_rows.shared_inputs``: Kontext's ``ref_latents_method``) and,
+   on a DiT, the text length the row runs at (``BankSession.text_tokens``: its text is zero-padded
+   to the call's; a step another extra row padded further is not stored);
 5. the sigma (exact), per step entry; and the (layer, field)s read, as the entry's coverage.
 
 The bank is off for a run whose model has hook patches (weights that change with the step), for
@@ -46,7 +53,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from ..attention.rows import ROLE_COND, ROLE_UNCOND
-from ..patching.branch_rows import EXTRA_ROW_CONTROLNET, borrowed_inputs
+from ..patching.branch_rows import EXTRA_ROW_CONTROLNET, borrowed_inputs, shared_inputs
 from . import kv_bank
 from .fingerprint import Guards, model_fingerprint, text_fingerprint
 
@@ -54,6 +61,9 @@ logger = logging.getLogger("qkv_control")
 
 FIELDS_KV = ("k", "v")
 FIELDS_QKV = ("q", "k", "v")
+# On a DiT, the row's own non-image tokens' keys/values (its text, without the zero padding of the
+# batch it ran in, then Kontext's reference-latent tokens): MCA-Ctrl's SAGI attends them.
+FIELDS_CONTEXT = ("k_context", "v_context")
 # Compute-device memory the bank leaves free at a run's start beyond what the run's models need,
 # as a share of the device's total memory: room for what follows the run (the VAE decode).
 DEVICE_RESERVE_SHARE = 0.2
@@ -75,6 +85,8 @@ class StreamQKV:
     k: torch.Tensor
     v: torch.Tensor
     rows: tuple[int, ...] = ()
+    k_context: Optional[torch.Tensor] = None   # FIELDS_CONTEXT, where the step needs them
+    v_context: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -85,6 +97,7 @@ class _Step:
     tensors: dict = field(default_factory=dict)
     complete: bool = False
     record: bool = True            # keep what the rows produce (for the bank, or a later call)
+    text_tokens: Optional[int] = None  # DiTs: the call's text length the key assumes (padding)
 
 
 def _whole_step(layout) -> bool:
@@ -95,16 +108,12 @@ def _whole_step(layout) -> bool:
 class ReferenceKV:
     """One stream row kind's K/V during one run (see the module docstring)."""
 
-    def __init__(self, run, stream, needs: Callable[[float], Mapping], label: Optional[str] = None,
-                 rows_on_dit: bool = False):
+    def __init__(self, run, stream, needs: Callable[[float], Mapping], label: Optional[str] = None):
         self.session: BankSession = run.service(BankSession)
         self.session.sources.append(self)
         self.stream = stream
         self.needs = needs
         self.label = label or stream.label
-        # On a DiT the reader also needs the row's own text tokens (MCA-Ctrl's SAGI), which no held
-        # step has: the row runs at every call there.
-        self.rows_on_dit = rows_on_dit
         self._own_text: Optional[str] = None
         self._step: Optional[_Step] = None
         self.hits = 0        # steps served by the bank
@@ -123,9 +132,6 @@ class ReferenceKV:
         """Whether ``call`` must run this stream's row. ``text``: (context, per-row conds) the row
         runs with, when not the inversion's own (MCA-Ctrl's branch text)."""
         sigma = call.sigma_value
-        if self.rows_on_dit and self.session.dit:
-            self._step = _Step(sigma, None, self.needs(sigma), record=False)
-            return True
         key = self.session.key_for(self, call, text)
         step = self._step
         if step is not None and step.complete and step.key == key and _same_sigma(step.sigma, sigma):
@@ -140,14 +146,16 @@ class ReferenceKV:
         # separate calls, the negative branch seeing the image prompt (on a 1024 px Flux, 24 MB per
         # layer per tensor otherwise).
         later = not _whole_step(call.layout) and not call.run.policy.positive_only
-        self._step = _Step(sigma, key, needed, record=key is not None or later)
+        self._step = _Step(sigma, key, needed, record=key is not None or later,
+                           text_tokens=self.session.text_tokens(call, text, self) if key is not None else None)
         self.misses += 1
         return True
 
     def take(self, call, rows: list[int], q, k, v) -> Optional[StreamQKV]:
         """This layer's stream inputs at the call's sigma: from ``rows`` of this call (recorded),
         else from the step's held entry, else None. On a DiT's joint attention, the rows' image
-        tokens only (after the model's q/k norms and RoPE, at the target's positions)."""
+        tokens only (after the model's q/k norms and RoPE, at the target's positions), and their
+        non-image tokens where the step needs ``FIELDS_CONTEXT``."""
         step = self._step
         layer = call.layer.key
         current = step is not None and _same_sigma(step.sigma, call.sigma_value)
@@ -158,24 +166,47 @@ class ReferenceKV:
                 return call.image_part(t.index_select(0, index)).contiguous()
 
             taken = {"k": of_rows(k), "v": of_rows(v)}
-            if current and "q" in step.needed.get(layer, ()):
+            wanted = step.needed.get(layer, ()) if current else ()
+            if "q" in wanted:
                 taken["q"] = of_rows(q)
+            if "k_context" in wanted:
+                taken["k_context"], taken["v_context"] = own_context(call, rows, k, v)
+            if current and step.key is not None and call.joint and call.tokens.n_text != step.text_tokens:
+                # Another row of the call padded the text further than the key says: not for the bank.
+                step.key = None
             if current and step.record and not step.complete and layer in step.needed:
                 step.tensors[layer] = taken
                 if step.tensors.keys() >= step.needed.keys():
                     step.complete = True
                     if step.key is not None and self.session.commit(step.key, step.sigma, step.tensors):
                         self.stored += 1
-            return StreamQKV(taken.get("q"), taken["k"], taken["v"], tuple(rows))
+            return StreamQKV(taken.get("q"), taken["k"], taken["v"], tuple(rows),
+                             taken.get("k_context"), taken.get("v_context"))
         if not (current and step.complete) or layer not in step.tensors:
             return None
         held = step.tensors[layer]
         device = k.device
-        return StreamQKV(held["q"].to(device, non_blocking=True) if "q" in held else None,
-                         held["k"].to(device, non_blocking=True), held["v"].to(device, non_blocking=True))
+
+        def moved(name):
+            return held[name].to(device, non_blocking=True) if name in held else None
+
+        return StreamQKV(moved("q"), moved("k"), moved("v"), (), moved("k_context"), moved("v_context"))
 
     def drop(self) -> None:
         self._step = None
+
+
+def own_context(call, rows: list[int], k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows``' (one text each, rows of one stream) non-image keys and values of a DiT's joint
+    attention without the zero padding of the call's text: [rows, own text + reference tokens, C]."""
+    tokens = call.tokens
+    index = torch.tensor(rows, device=k.device)
+    k_rows, v_rows = tokens.non_image_tokens(k.index_select(0, index)), tokens.non_image_tokens(v.index_select(0, index))
+    padding = call.text_padding_mask(rows)
+    if padding is None:
+        return k_rows.contiguous(), v_rows.contiguous()
+    keep = tokens.non_image_tokens(padding, dim=-1)[0, 0] == 0
+    return k_rows[:, keep].contiguous(), v_rows[:, keep].contiguous()
 
 
 class BankSession:
@@ -194,8 +225,6 @@ class BankSession:
             self.off_reason = "its budget is 0"
         elif getattr(model, "hook_patches", None):
             self.off_reason = "the model has hook patches (weights that change during the run)"
-        elif self.dit:
-            self.off_reason = "not for diffusion transformers yet (docs/kv_bank.md)"
         self.guards = Guards([model.model])
         changing = ",".join(c.name for c in run.controls if c.changes_stream_rows)
         manual_cast = getattr(model.model, "manual_cast_dtype", None)
@@ -217,8 +246,20 @@ class BankSession:
             return None
         conds = dict(inversion.conds) if text is None else text[1]
         borrowed = borrowed_inputs(call.c_concat, call.conds, call.layout, call.x.shape[0], conds)
+        shared = shared_inputs(call.conds, call.x.shape[0], conds)
         return (self.model_key, inversion.key, source.stream.role, source.text_key(text),
-                tuple(call.x.shape[-2:]), str(call.x.device), text_fingerprint(None, borrowed) if borrowed else "")
+                tuple(call.x.shape[-2:]), str(call.x.device), text_fingerprint(None, borrowed) if borrowed else "",
+                text_fingerprint(None, shared) if shared else "", self.text_tokens(call, text, source))
+
+    def text_tokens(self, call, text, source: ReferenceKV) -> Optional[int]:
+        """DiTs: the text length the row runs at, the longer of the sampler rows' and its own (its
+        text is zero-padded to the call's; the padding is masked, yet a longer sequence rounds
+        otherwise). None on UNets (their text is a cross-attention's, repeated by ComfyUI)."""
+        if not self.dit:
+            return None
+        own = source.stream.inversion.context if text is None else text[0]
+        lengths = [t.shape[1] for t in (call.context, own) if t is not None]
+        return max(lengths) if lengths else 0
 
     def lookup(self, key, sigma: float, needed) -> Optional[kv_bank.StepEntry]:
         if key is None or not needed:

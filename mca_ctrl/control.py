@@ -41,7 +41,7 @@ from ..attention.cross_attention import word_attention_probs
 from ..attention.layers import select_layers
 from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
 from ..attention.token_grid import token_grid
-from ..inversion.reference_kv import FIELDS_KV, FIELDS_QKV, ReferenceKV
+from ..inversion.reference_kv import FIELDS_CONTEXT, FIELDS_KV, FIELDS_QKV, ReferenceKV
 from ..inversion.stream import InvertedStream
 from ..patching.control import AttentionControl, ExtraRow, kept_outputs, write_image_tokens
 from ..patching.image_prompt_policy import BOTH
@@ -232,17 +232,19 @@ class MCACtrl(AttentionControl):
         auto = frozenset(layer.key for layer in self._auto_layers(run.layers)) if self.automatic_mask else frozenset()
         st = new_scratch(self._phase_layers(run.layers), auto, controls_both_branches(run))
 
-        def needs(sigma):  # SALQ reads the streams' keys/values, SAGI their queries too
+        # SALQ reads the streams' keys/values, SAGI their queries too and, on a DiT, their own text keys
+        sagi_fields = FIELDS_QKV + FIELDS_CONTEXT if run.family.uses_override else FIELDS_QKV
+
+        def needs(sigma):
             phase = self.phase(run, sigma)
             if phase == mca.PHASE_NONE:
                 return {}
-            return dict.fromkeys(st.phase_layers[phase], FIELDS_QKV if phase == mca.PHASE_SAGI else FIELDS_KV)
+            return dict.fromkeys(st.phase_layers[phase], sagi_fields if phase == mca.PHASE_SAGI else FIELDS_KV)
 
         for stream in (self.subject_stream, self.scene_stream):
             for role, code in (() if stream is None else _BRANCH_CODE.items()):
                 branch = "positive" if role == ROLE_COND else "negative"
-                st.sources[(stream.role, code)] = ReferenceKV(run, stream, needs, f"{stream.label} ({branch} text)",
-                                                            rows_on_dit=True)
+                st.sources[(stream.role, code)] = ReferenceKV(run, stream, needs, f"{stream.label} ({branch} text)")
         return st
 
     def phase(self, run, sigma: float) -> str:
@@ -518,13 +520,35 @@ class MCACtrl(AttentionControl):
             q_s = torch.cat([s.q for s in subject_for])
             if self.scene_stream is not None:
                 q_c = torch.cat([c.q for c in condition_for])
-            # A DiT's streams always run as rows of the call (the bank is off there): their text keys.
-            subject_rows = condition_rows = []
+            # On a DiT each stream's queries attend its own text keys (``FIELDS_CONTEXT``: from this
+            # call's row or the bank); generation's condition is the target rows themselves.
+            context_subject = context_condition = None
             if call.joint:
-                subject_rows = [s.rows[0] for s in subject_for]
-                condition_rows = targets if self.scene_stream is None else [c.rows[0] for c in condition_for]
+                context_subject = _stream_context(subject_for)
+                context_condition = (self._context_keys(call, k, v, targets) if self.scene_stream is None
+                                     else _stream_context(condition_for))
             out_targets = mca.sagi(q_s, k_s, v_s, q_c, k_c, v_c, subject_keys, region, plain,
-                                   context_subject=self._context_keys(call, k, v, subject_rows),
-                                   context_condition=self._context_keys(call, k, v, condition_rows))
+                                   context_subject=context_subject, context_condition=context_condition)
         write_image_tokens(call, out, targets, out_targets)
         return out
+
+
+def _stream_context(streams) -> mca.ContextKeys:
+    """The streams' own non-image keys (``StreamQKV.k_context``, one per target row), the shorter
+    ones zero-padded and not kept: the branches' texts may differ in length."""
+    length = max(s.k_context.shape[1] for s in streams)
+    rows = sum(s.k_context.shape[0] for s in streams)
+    first = streams[0].k_context
+    if all(s.k_context.shape[1] == length for s in streams):
+        return mca.ContextKeys(torch.cat([s.k_context for s in streams]), torch.cat([s.v_context for s in streams]))
+
+    def padded(t):
+        return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]))
+
+    keep = torch.zeros((rows, length), dtype=torch.bool, device=first.device)
+    start = 0
+    for s in streams:
+        keep[start:start + s.k_context.shape[0], :s.k_context.shape[1]] = True
+        start += s.k_context.shape[0]
+    return mca.ContextKeys(torch.cat([padded(s.k_context) for s in streams]),
+                           torch.cat([padded(s.v_context) for s in streams]), keep)

@@ -94,6 +94,15 @@ def borrowed_inputs(c_concat, conds: dict, layout: RowLayout, batch: int, row_co
     return borrowed
 
 
+def shared_inputs(conds: dict, batch: int, row_conds: dict) -> dict:
+    """The model inputs ``append_rows`` passes unchanged to every row, by name: those not per row
+    (ComfyUI's ``CONDConstant``s, such as Kontext's ``ref_latents_method``) that the extra row does
+    not bring itself. The row computes with them as with its own inputs."""
+    return {name: value for name, value in conds.items()
+            if name not in row_conds and value is not None and not _per_row(value, batch)
+            and not (isinstance(value, list) and value and all(_per_row(v, batch) for v in value))}
+
+
 def _pad_control(control, extra_count: int):
     if control is None:
         return None

@@ -33,8 +33,8 @@ def dit_kit(family: str):
 
 
 def dit_sample(model, positive, negative, family: str, *, steps=3, cfg=3.0, size=16, seed=0,
-               sampler="euler", scheduler="simple"):
-    latent = torch.zeros((1, LATENT_CHANNELS[family], size, size))
+               sampler="euler", scheduler="simple", batch=1):
+    latent = torch.zeros((batch, LATENT_CHANNELS[family], size, size))
     out = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
                                       {"samples": latent})
     return out[0]["samples"]

@@ -11,6 +11,7 @@ their largest value (measured: InDetail-IP 0, i.e. bit-identical; MCA-Ctrl repla
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 
 import pytest
@@ -571,23 +572,279 @@ def test_step_size_formula_matches_what_a_run_stores(kit, bank):
 
 
 # ---------------------------------------------------------------------------- DiTs
+# Tiny DiTs (tests/dit_helpers.py) at a 16² latent, Euler, "simple" schedule. A stream row's image-token
+# K/V on a joint-attention model depend on its own text (and pooled ``y``, Flux's ``guidance``: the
+# inversion's for InDetail-IP, the branch's for MCA-Ctrl), the text length it is padded to in the call,
+# RoPE positions (latent size, Kontext reference latents), the sigma: each is in the key.
 
-@pytest.mark.parametrize("family", ["flux", "sd35"])
-def test_the_bank_is_off_on_diffusion_transformers(bank, caplog, family):
-    """InDetail-IP on a tiny DiT with the bank on: it stores nothing, the second run computes the
-    reference row again, both runs are identical, and the run's line says why."""
-    from dit_helpers import ModelRows, dit_kit, dit_sample
+DIT_STEPS = 3
+# Flux.1 dev / schnell: distilled, cfg 1 (one row per image); the others run CFG (two)
+DIT_CFG = {"flux": 1.0, "flux_schnell": 1.0, "sd35": 3.0, "chroma": 3.0, "flux2": 3.0}
+DIT_PLAIN_ROWS = {"flux": 1, "flux_schnell": 1, "sd35": 2, "chroma": 2, "flux2": 2}  # rows per image per step
+DIT_SUBJECT_MASK = _box(32, 32, 64, 64)
+DIT_REGION_MASK = _box(48, 16, 64, 80)
+LONG_PROMPT = " ".join(["a red fox in the snow"] * 25)  # over 77 CLIP tokens: SD3.5's text is 154 long
+
+
+@pytest.fixture(scope="module", params=["flux", "sd35"])
+def dit(request):
+    return _dit(request.param)
+
+
+@functools.lru_cache(maxsize=None)
+def _dit(family):
+    from dit_helpers import LATENT_CHANNELS, dit_kit
+    from qkv_control.tiny.dit import TEXT_WIDTH, cached_dit_checkpoint
 
     model, positive, negative = dit_kit(family)
-    latent = torch.randn(1, 16, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    inversion = QKVDDIMInversion.execute(model, {"samples": latent}, 3, "simple", positive).args[0]
-    patched = QKVInDetailReferenceAttention.execute(model, inversion, "auto", "concat:0-1", 0.5, 0.5).args[0]
-    cfg = {"flux": 1.0, "sd35": 3.0}[family]
-    outputs, rows = [], []
-    for _ in range(2):
-        with ModelRows(model) as counter, caplog.at_level("INFO", logger="qkv_control"):
-            outputs.append(dit_sample(patched, positive, negative, family, steps=3, cfg=cfg))
-        rows.append(counter.rows)
-    assert rows[0] == rows[1] and sum(rows[0]) == 3 * ({"flux": 1, "sd35": 2}[family] + 1)
-    assert bank.stats().steps == 0 and torch.equal(outputs[0], outputs[1])
-    assert "reference K/V bank off (not for diffusion transformers yet" in caplog.text
+    if family in ("flux", "flux_schnell", "sd35"):
+        clip = cached_dit_checkpoint(family)[1]
+        prompt = functools.partial(encode, clip)
+    else:  # seeded random contexts of the model's text width (dit_helpers.dit_kit)
+        def prompt(text):
+            generator = torch.Generator().manual_seed(len(text))
+            return [[torch.randn(1, 12, TEXT_WIDTH, generator=generator), {"pooled_output": None}]]
+
+    def invert(seed, text=positive, negative_text=None, size=SIZE):
+        latent = torch.randn(1, LATENT_CHANNELS[family], size, size, generator=torch.Generator().manual_seed(seed))
+        return QKVDDIMInversion.execute(model, {"samples": latent}, DIT_STEPS, "simple", text,
+                                        negative_text).args[0]
+
+    return {"family": family, "model": model, "positive": positive, "negative": negative, "prompt": prompt,
+            "other": prompt("a blue boat on a calm lake"), "reference": invert(2), "invert": invert}
+
+
+def dit_run(d, model, positive=None, negative=None, **options):
+    """(final latent, rows per model call) of one KSampler run of a tiny DiT."""
+    from dit_helpers import ModelRows, dit_sample
+
+    options = {"steps": DIT_STEPS, "cfg": DIT_CFG[d["family"]], **options}
+    with ModelRows(d["model"]) as counter:
+        out = dit_sample(model, positive or d["positive"], negative or d["negative"], d["family"], **options)
+    return out, counter.rows
+
+
+def dit_indetail(d, inversion=None, schedule=DEFAULT_SCHEDULE, policy=None):
+    patched = QKVInDetailReferenceAttention.execute(d["model"], inversion or d["reference"], "auto", schedule,
+                                                    0.5, 0.5).args[0]
+    return patched if policy is None else QKVImagePromptGuidance.execute(patched, policy).args[0]
+
+
+def with_extra(conditioning, **extra):
+    return [[c, {**options, **extra}] for c, options in conditioning]
+
+
+def assert_warm_changes_plain(d, warm, **options):
+    """The reference acts: the warm result is far from plain sampling (the equalities mean something)."""
+    plain, _ = dit_run(d, d["model"], **options)
+    assert float((warm - plain).abs().max()) > 100 * WARM_RTOL * float(plain.abs().max())
+
+
+@pytest.mark.parametrize("family,schedule,batch", [
+    *((family, schedule, 1) for family in ("flux", "sd35")
+      for schedule in (DEFAULT_SCHEDULE, "concat:0-1", "replace:0-1", "stratified:0-1")),
+    ("flux", DEFAULT_SCHEDULE, 2), ("sd35", DEFAULT_SCHEDULE, 2),
+    ("flux_schnell", DEFAULT_SCHEDULE, 1), ("chroma", DEFAULT_SCHEDULE, 1), ("flux2", DEFAULT_SCHEDULE, 1)])
+def test_dit_indetail_warm_run_appends_no_stream_row(bank, family, schedule, batch):
+    """InDetail-IP on every DiT family and mode, N = 1 and 2 (conflict-free: the reference row only in
+    positive calls): the cold run appends the reference row (plain + 1 rows per step) and equals a run
+    without the bank exactly; a warm run with a new seed and a new prompt of the generated image appends
+    no row (plain sampling's count: Flux cfg 1 N, SD3.5 CFG 2N) and equals that run without the bank."""
+    d = _dit(family)
+    model = dit_indetail(d, schedule=schedule)
+    plain_rows = DIT_PLAIN_ROWS[family] * batch
+    cold, rows = dit_run(d, model, batch=batch)
+    assert rows == [plain_rows + 1] * DIT_STEPS and bank.stats().steps == DIT_STEPS
+    assert torch.equal(cold, dit_run(d, without_bank(model), batch=batch)[0])
+    warm, rows = dit_run(d, model, positive=d["other"], seed=1, batch=batch)
+    assert rows == [plain_rows] * DIT_STEPS
+    expected, _ = dit_run(d, without_bank(model), positive=d["other"], seed=1, batch=batch)
+    assert_warm_equals(warm, expected)
+    assert_warm_changes_plain(d, warm, positive=d["other"], seed=1, batch=batch)
+
+
+def test_dit_indetail_both_branches_with_a_negative_text_is_warm(bank):
+    """SD3.5 under ``both`` with the inversion's negative text: the positive and the negative-branch
+    reference rows (2 + 2 rows cold), none warm (2), equal to the run without the bank."""
+    d = _dit("sd35")
+    model = dit_indetail(d, d["invert"](2, negative_text=d["prompt"]("blurry")), policy="both")
+    _, rows = dit_run(d, model)
+    assert rows == [4] * DIT_STEPS
+    warm, rows = dit_run(d, model, positive=d["other"], seed=1)
+    assert rows == [2] * DIT_STEPS
+    assert_warm_equals(warm, dit_run(d, without_bank(model), positive=d["other"], seed=1)[0])
+
+
+def test_dit_partial_hits_run_the_row_at_the_missing_sigmas(dit, bank):
+    """A cold run of 3 steps, then 6 steps: the sigmas the 3-step schedule holds are warm (plain rows),
+    the others run the reference row; equal to the 6-step run without the bank."""
+    import comfy.samplers
+
+    d = dit
+    model = dit_indetail(d)
+    dit_run(d, model)
+    sampling = d["model"].get_model_object("model_sampling")
+    held = comfy.samplers.calculate_sigmas(sampling, "simple", DIT_STEPS)[:-1].tolist()
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", 2 * DIT_STEPS)[:-1].tolist()
+    plain = DIT_PLAIN_ROWS[d["family"]]
+    expected_rows = [plain if any(abs(s - h) <= 1e-6 for h in held) else plain + 1 for s in sigmas]
+    assert plain in expected_rows and plain + 1 in expected_rows
+    warm, rows = dit_run(d, model, steps=2 * DIT_STEPS, seed=1)
+    assert rows == expected_rows
+    assert_warm_equals(warm, dit_run(d, without_bank(model), steps=2 * DIT_STEPS, seed=1)[0])
+
+
+def _kontext(seed):
+    return torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# (family, what changes between the first and the second run): each second run misses at every step
+DIT_KEY_PARTS = {
+    "latent size": ("flux", {}, {"size": 24}),
+    "inversion prompt (the stream's text)": ("flux", {}, {"reference": "other prompt"}),
+    "the inversion's guidance (the stream's guidance)": ("flux", {}, {"reference": "guidance 8"}),
+    "Kontext reference latent": ("flux", {"positive": ("reference_latents", 5)},
+                                 {"positive": ("reference_latents", 6)}),
+    "the generated prompt's length (the stream's padding)": ("sd35", {}, {"positive": "long"}),
+    "SD3.5 latent size": ("sd35", {}, {"size": 24}),
+}
+
+
+def _dit_case(d, change):
+    """(model, run options) of one side of a key-part case."""
+    options = {}
+    reference = d["reference"]
+    if change.get("reference") == "other prompt":
+        reference = d["invert"](2, text=d["other"])
+    elif change.get("reference") == "guidance 8":
+        reference = d["invert"](2, text=with_extra(d["positive"], guidance=8.0))
+    if "size" in change:
+        options["size"] = change["size"]
+    positive = change.get("positive")
+    if positive == "long":
+        options["positive"] = d["prompt"](LONG_PROMPT)
+    elif positive is not None:
+        name, seed = positive
+        options["positive"] = with_extra(d["positive"], **{name: [_kontext(seed)]})
+    return dit_indetail(d, reference), options
+
+
+@pytest.mark.parametrize("part", list(DIT_KEY_PARTS))
+def test_dit_key_parts_miss_when_changed(bank, part):
+    """Each part of a DiT stream row's key, changed alone, misses at every step (the reference row runs:
+    the rows of a run without the bank); run again it is warm (plain sampling's rows) and equal to the
+    run without the bank. (SD3.5's 154-token prompt and 77-token negative run in separate calls.)"""
+    family, first, second = DIT_KEY_PARTS[part]
+    d = _dit(family)
+    model, options = _dit_case(d, first)
+    _, rows = dit_run(d, model, **options)
+    assert rows == [DIT_PLAIN_ROWS[family] + 1] * DIT_STEPS
+    model, options = _dit_case(d, second)
+    expected, cold_rows = dit_run(d, without_bank(model), seed=1, **options)
+    _, plain_rows = dit_run(d, d["model"], seed=1, **options)
+    assert sum(cold_rows) == sum(plain_rows) + DIT_STEPS
+    _, rows = dit_run(d, model, seed=1, **options)
+    assert rows == cold_rows, f"{part}: expected a miss at every step"
+    warm, rows = dit_run(d, model, seed=1, **options)
+    assert rows == plain_rows
+    assert_warm_equals(warm, expected)
+
+
+def test_dit_indetail_reference_keeps_the_inversions_guidance(bank):
+    """Flux dev: the reference row carries the guidance its inversion ran with (captured per-row input),
+    so the sampler's guidance is not part of the reference's key: a warm run at another guidance hits
+    and equals the run without the bank (which would differ if the row took the sampler's guidance)."""
+    d = _dit("flux")
+    model = dit_indetail(d)
+    dit_run(d, model)
+    positive = with_extra(d["positive"], guidance=8.0)
+    warm, rows = dit_run(d, model, positive=positive, seed=1)
+    assert rows == [1] * DIT_STEPS
+    assert_warm_equals(warm, dit_run(d, without_bank(model), positive=positive, seed=1)[0])
+    assert "guidance" in d["reference"].conds
+
+
+def test_dit_a_stream_padded_by_another_row_is_not_stored(bank):
+    """SD3.5 under ``both`` with a 154-token negative text: the negative-branch reference row pads
+    the call's text to 154, the positive reference (77 tokens, keyed at 77) runs padded further than
+    its key says, so it is not stored and runs again warm (3 rows); the negative one is warm."""
+    d = _dit("sd35")
+    model = dit_indetail(d, d["invert"](2, negative_text=d["prompt"](LONG_PROMPT)), policy="both")
+    _, rows = dit_run(d, model)
+    assert rows == [4] * DIT_STEPS and bank.stats().steps == DIT_STEPS
+    warm, rows = dit_run(d, model, seed=1)
+    assert rows == [3] * DIT_STEPS
+    assert_warm_equals(warm, dit_run(d, without_bank(model), seed=1)[0])
+
+
+def test_dit_a_b_a_is_identical_and_the_given_model_untouched(bank):
+    """Flux: A (cold), B (another reference and prompt, cold), A again (warm): equal to A's cold run;
+    the models given to the nodes are unchanged."""
+    d = _dit("flux")
+    before = _options_snapshot(d["model"])
+    model_a = dit_indetail(d)
+    a_before = _options_snapshot(model_a)
+    a1, _ = dit_run(d, model_a)
+    _, rows = dit_run(d, dit_indetail(d, d["invert"](3)), positive=d["other"])
+    assert rows == [2] * DIT_STEPS
+    a3, rows = dit_run(d, model_a)
+    assert rows == [1] * DIT_STEPS
+    assert_warm_equals(a3, a1)
+    assert _options_snapshot(d["model"]) == before and _options_snapshot(model_a) == a_before
+
+
+# ------------------------------------------------------------------ DiTs: MCA-Ctrl
+
+def dit_mca(d, policy=None, generation=False):
+    subject, scene = d["reference"], d["invert"](6)
+    streams = Streams(subject) if generation else Streams(subject, scene)
+    control = MCACtrl(streams, Masks(DIT_SUBJECT_MASK, DIT_REGION_MASK), Schedule(mca.PhaseSchedule(0.5, 1.0)))
+    model = add_control(d["model"], control)
+    return model if policy is None else QKVImagePromptGuidance.execute(model, policy).args[0]
+
+
+@pytest.mark.parametrize("family,policy,generation,cold", [
+    ("flux", None, False, 3), ("flux", None, True, 2),
+    ("sd35", None, False, 6), ("sd35", "positive_only", False, 4), ("sd35", None, True, 4)])
+def test_dit_mca_warm_run_appends_no_stream_row(bank, family, policy, generation, cold):
+    """MCA-Ctrl on a DiT, SAGI (step 0: the streams' queries and own text keys from the bank) and SALQ:
+    the cold run's stream rows per controlled branch, none warm at a new seed (plain sampling's rows),
+    equal to the run without the bank."""
+    d = _dit(family)
+    model = dit_mca(d, policy, generation)
+    _, rows = dit_run(d, model)
+    assert rows == [cold] * DIT_STEPS
+    warm, rows = dit_run(d, model, seed=1)
+    assert rows == [DIT_PLAIN_ROWS[family]] * DIT_STEPS
+    assert_warm_equals(warm, dit_run(d, without_bank(model), seed=1)[0])
+    assert_warm_changes_plain(d, warm, seed=1)
+
+
+@pytest.mark.parametrize("family,change,rows_after", [
+    ("flux", "prompt", 3), ("flux", "guidance", 3), ("sd35", "prompt", 4), ("sd35", "pooled y", 4)])
+def test_dit_mca_streams_follow_the_branch_text(bank, family, change, rows_after):
+    """MCA-Ctrl's streams run with their CFG branch's text, guidance (Flux dev) and pooled ``y`` (SD3.5)
+    included: a new prompt, guidance or pooled vector alone misses that branch's streams (SD3.5 official: the negative
+    branch stays warm, 2 + 2 rows), and the result equals the run without the bank."""
+    d = _dit(family)
+    model = dit_mca(d)
+    dit_run(d, model)
+    positive = {"prompt": d["other"], "guidance": with_extra(d["positive"], guidance=8.0),
+                "pooled y": [[c, {**o, "pooled_output": o["pooled_output"] * 2}] for c, o in d["positive"]],
+                }[change]
+    _, rows = dit_run(d, model, positive=positive, seed=1)
+    assert rows == [rows_after] * DIT_STEPS
+    warm, rows = dit_run(d, model, positive=positive, seed=2)
+    assert rows == [DIT_PLAIN_ROWS[family]] * DIT_STEPS
+    assert_warm_equals(warm, dit_run(d, without_bank(model), positive=positive, seed=2)[0])
+
+
+def test_dit_bank_line_reports_the_streams(bank, caplog):
+    """The run's line on a DiT counts the steps from the bank (no 'off')."""
+    d = _dit("sd35")
+    model = dit_indetail(d)
+    with caplog.at_level("INFO", logger="qkv_control"):
+        dit_run(d, model)
+        dit_run(d, model, seed=1)
+    assert f"InDetail-IP reference: {DIT_STEPS} of {DIT_STEPS} step(s) from the bank, 0 computed" in caplog.text
+    assert "bank off" not in caplog.text
