@@ -42,7 +42,7 @@ test-oldest:
 
 # 100 prompts over every workflow through the real server (the suite runs a bounded 24).
 soak: setup
-	QKV_SOAK_PROMPTS=100 QKV_SOAK_MEMORY=1 $(PY) -m pytest tests/test_soak.py -k soak $(PYTEST_ARGS)
+	QKV_SOAK_PROMPTS=100 $(PY) -m pytest tests/test_soak.py -k soak $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py $(if $(WORKFLOW),--workflow "$(WORKFLOW)")
