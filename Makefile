@@ -15,7 +15,8 @@ setup:
 # (QKV_COMFYUI=oldest; the browser test runs on the first only). Each pass runs one torch thread, so
 # on a 2-core machine the two together take about as long as the longer one. The oldest pass writes
 # to a log that is printed when both are done (TEST_PASSES=serial: one after the other, streamed).
-# Both passes always run; the target fails if either did.
+# Both passes always run; the target fails if either did. Ctrl-C stops both (a background job
+# ignores SIGINT, so the recipe passes it on).
 OLDEST_PASS := QKV_COMFYUI=oldest $(PY) -m pytest --ignore=tests/test_browser.py $(PYTEST_ARGS)
 TEST_PASSES ?= parallel
 
@@ -24,7 +25,8 @@ test:
 	@status=0; oldest=; log=$(RUNTIME)/test-oldest-pass.log; \
 	if [ "$(TEST_PASSES)" = parallel ]; then \
 	  echo "$(OLDEST_PASS) > $$log  (in the background)"; \
-	  ( $(OLDEST_PASS) > "$$log" 2>&1 ) & oldest=$$!; \
+	  $(OLDEST_PASS) > "$$log" 2>&1 & oldest=$$!; \
+	  trap 'kill $$oldest 2>/dev/null; exit 130' INT TERM; \
 	fi; \
 	echo "$(PY) -m pytest $(PYTEST_ARGS)"; $(PY) -m pytest $(PYTEST_ARGS) || status=1; \
 	if [ -n "$$oldest" ]; then \
