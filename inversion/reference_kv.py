@@ -199,14 +199,10 @@ class ReferenceKV:
 def own_context(call, rows: list[int], k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows``' (one text each, rows of one stream) non-image keys and values of a DiT's joint
     attention without the zero padding of the call's text: [rows, own text + reference tokens, C]."""
-    tokens = call.tokens
-    index = torch.tensor(rows, device=k.device)
-    k_rows, v_rows = tokens.non_image_tokens(k.index_select(0, index)), tokens.non_image_tokens(v.index_select(0, index))
-    padding = call.text_padding_mask(rows)
-    if padding is None:
+    k_rows, v_rows, keep = call.non_image_keys(rows, k, v)
+    if keep is None:
         return k_rows.contiguous(), v_rows.contiguous()
-    keep = tokens.non_image_tokens(padding, dim=-1)[0, 0] == 0
-    return k_rows[:, keep].contiguous(), v_rows[:, keep].contiguous()
+    return k_rows[:, keep[0]].contiguous(), v_rows[:, keep[0]].contiguous()
 
 
 class BankSession:

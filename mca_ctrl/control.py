@@ -483,12 +483,7 @@ class MCACtrl(AttentionControl):
         """On a DiT, the text (and reference-latent) keys of ``rows``, their padding not kept."""
         if not call.joint:
             return None
-        tokens = call.tokens
-        index = torch.tensor(rows, device=k.device)
-        padding = call.text_padding_mask(rows)
-        keep = None if padding is None else tokens.non_image_tokens(padding, dim=-1)[:, 0] == 0
-        return mca.ContextKeys(tokens.non_image_tokens(k.index_select(0, index)),
-                               tokens.non_image_tokens(v.index_select(0, index)), keep)
+        return mca.ContextKeys(*call.non_image_keys(rows, k, v))
 
     def _mca_attention(self, call, phase, masks, targets, subject_for, condition_for, q, k, v, attend_next):
         """SALQ / SAGI on the targets' image-token queries, the streams' image keys; every other

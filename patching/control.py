@@ -132,6 +132,16 @@ class AttentionCall:
         at the end of the chain."""
         return None if self.key_padding is None else self.key_padding(list(rows))
 
+    def non_image_keys(self, rows: list[int], k, v) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """On a DiT's joint attention, ``rows``' text (and reference-latent) keys and values
+        ``[len(rows), T, C]`` and which of those T tokens are the rows' own: a bool ``[len(rows), T]``,
+        False on zero padding (``text_padding_mask``), or None where no row is padded."""
+        tokens = self.tokens
+        index = torch.tensor(rows, device=k.device)
+        padding = self.text_padding_mask(rows)
+        keep = None if padding is None else tokens.non_image_tokens(padding, dim=-1)[:, 0] == 0
+        return tokens.non_image_tokens(k.index_select(0, index)), tokens.non_image_tokens(v.index_select(0, index)), keep
+
 
 def kept_outputs(call: AttentionCall, q, k, v, attend_next, targets: list[int], own_images: bool = False):
     """The attention output ``[B, N, D]`` a control that rewrites the image-token outputs of the
