@@ -242,14 +242,25 @@ def _check_subject_keys(subject_keys: torch.Tensor, what: str) -> None:
 
 def fuse(region: torch.Tensor, subject_part, background_part) -> torch.Tensor:
     """``region · F_subject + (1 - region) · F_background`` (the paper's fusion, both SALQ and
-    SAGI), each part a zero-argument function computed only where its weight is non-zero
-    somewhere: an all-ones region is pure subject attention, an all-zeros one pure background."""
+    SAGI). Each part is a function of the query tokens it must compute (a token index, or None
+    for every token) and runs only for the tokens whose weight is non-zero in some row: with a
+    binary region (a drawn mask) each query computes one branch instead of both, the same
+    result as the official code's two full attentions blended (the other branch's weight is 0
+    there, and a finite value times 0 adds nothing). region: [1 or B, N]; parts: [B, n, C]."""
     out = None
-    if bool((region > 0).any()):
-        out = region.unsqueeze(-1) * subject_part()
-    if bool((region < 1).any()):
-        part = (1.0 - region).unsqueeze(-1) * background_part()
-        out = part if out is None else out + part
+    for weight, part in ((region, subject_part), (1.0 - region, background_part)):
+        needed = (weight > 0).any(dim=0)
+        if not bool(needed.any()):
+            continue
+        if bool(needed.all()):
+            values = weight.unsqueeze(-1) * part(None)
+            out = values if out is None else out + values
+            continue
+        index = needed.nonzero().squeeze(1)
+        values = weight.index_select(1, index).unsqueeze(-1) * part(index)
+        if out is None:
+            out = values.new_zeros((values.shape[0], weight.shape[1], values.shape[-1]))
+        out.index_add_(1, index, values)
     return out
 
 
@@ -306,14 +317,17 @@ def _masked_fusion(q_fg, q_bg, k_subject, v_subject, k_condition, v_condition, s
     querying rows' ``ContextKeys`` in front (DiTs)."""
     region = _check_rows(region.to(q_fg), q_fg.shape[0], what)
 
-    def subject_part():
+    def queries(q, index):
+        return q if index is None else q.index_select(1, index)
+
+    def subject_part(index):
         _check_subject_keys(subject_keys, what)
         k, v, keep, _ = _with_context(k_subject, v_subject, subject_keys, None, context_fg)
-        return masked_key_attention(q_fg, k, v, keep, attend)
+        return masked_key_attention(queries(q_fg, index), k, v, keep, attend)
 
-    def background_part():
+    def background_part(index):
         k, v, keep, bias = _with_context(k_condition, v_condition, region < 1.0, region, context_bg)
-        return masked_key_attention(q_bg, k, v, keep, attend, bias=bias)
+        return masked_key_attention(queries(q_bg, index), k, v, keep, attend, bias=bias)
 
     return fuse(region, subject_part, background_part)
 

@@ -110,3 +110,38 @@ class RowLayout:
     def items(self, role: str) -> list[int]:
         """Batch-item index of every row of ``role``, in row order."""
         return [row.item for row in self.rows if row.role == role]
+
+
+# ---------------------------------------------------------------------------
+# Taking and writing batch rows of q/k/v or outputs without needless copies
+
+
+def row_runs(rows) -> list[tuple[int, int, int]]:
+    """``rows`` (batch indices, in order) as runs of consecutive indices: (position in ``rows``,
+    first index, count). [0, 1, 3] -> [(0, 0, 2), (2, 3, 1)]."""
+    runs: list[tuple[int, int, int]] = []
+    for position, row in enumerate(rows):
+        row = int(row)
+        if runs and runs[-1][1] + runs[-1][2] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, row, 1))
+    return runs
+
+
+def take_rows(x: torch.Tensor, rows) -> torch.Tensor:
+    """``x``'s batch rows ``rows`` in that order: a view when they are consecutive (the usual
+    case: a CFG branch, a stream's rows), else a gathered copy. Never write into the result."""
+    rows = list(rows)
+    runs = row_runs(rows)
+    if len(runs) == 1:
+        return x.narrow(0, runs[0][1], runs[0][2])
+    return x.index_select(0, torch.tensor(rows, dtype=torch.long, device=x.device))
+
+
+def put_rows(out: torch.Tensor, rows, values: torch.Tensor, part=None) -> None:
+    """``out[rows] = values`` in place, run by run (no gather). ``part``: a function giving the
+    part of ``out``'s row block that ``values`` holds (a DiT's image tokens); None: whole rows."""
+    for position, first, count in row_runs(rows):
+        target = out.narrow(0, first, count)
+        (target if part is None else part(target)).copy_(values.narrow(0, position, count))

@@ -77,11 +77,13 @@ class PeakMemory:
         return False
 
 
-def argument_parser(description: str, *, full_size: bool = True, repeats: int = 3) -> argparse.ArgumentParser:
-    """The options every benchmark has: the full-size SD1.5 run (on or off) and repeats."""
+def argument_parser(description: str, *, full_size: bool = True, repeats: int = 3,
+                    full_size_help: str = "also measure a random full-size SD1.5 (writes a ~1.7 GB temp file; "
+                                          "slow on CPU)") -> argparse.ArgumentParser:
+    """The options every benchmark has: the full-size run (on or off) and repeats."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=full_size,
-                        help="also measure a random full-size SD1.5 (writes a ~1.7 GB temp file; slow on CPU)")
+                        help=full_size_help)
     parser.add_argument("--repeats", type=int, default=repeats)
     return parser
 

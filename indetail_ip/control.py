@@ -33,12 +33,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
 from ..attention import fusion_schedule as fs
 from ..attention.kv_modes import kv_concat, kv_replace, reference_tokens, stratified_attention
 from ..attention.layers import select_layers
-from ..attention.rows import ROLE_REFERENCE, ROLE_UNCOND
+from ..attention.rows import ROLE_REFERENCE, ROLE_UNCOND, take_rows
 from ..attention.step_window import StepWindow
 from ..inversion.reference_kv import FIELDS_KV, ReferenceKV
 from ..inversion.result import InversionResult
@@ -192,17 +191,16 @@ class ReferenceAttentionControl(AttentionControl):
         # as the layer's only control compute the target rows' image tokens below only.
         out = kept_outputs(call, q, k, v, attend_next, targets, own_images=mode == fs.STRATIFIED)
         for rows, (k_ref, v_ref) in groups:
-            index = torch.tensor(rows, device=q.device)
-            qg = call.image_part(q.index_select(0, index))
+            qg = call.image_part(take_rows(q, rows))
             kp = reference_tokens(k_ref, len(rows))
             vp = reference_tokens(v_ref, len(rows))
             if mode == fs.STRATIFIED:
-                own = call.image_part(out.index_select(0, index))
+                own = call.image_part(take_rows(out, rows))
                 result = stratified_attention(qg, None, None, kp, vp, self.weight_self, self.weight_ref, plain,
                                               out_self=own)
             elif mode == fs.CONCAT:
                 # [K_P ⊕ the row's own keys]: on a DiT its whole joint sequence (text included)
-                result = kv_concat(qg, k.index_select(0, index), v.index_select(0, index), kp, vp, plain,
+                result = kv_concat(qg, take_rows(k, rows), take_rows(v, rows), kp, vp, plain,
                                    self_mask=call.text_padding_mask(rows))
             elif not call.joint:
                 result = kv_replace(qg, kp, vp, plain)
@@ -211,8 +209,8 @@ class ReferenceAttentionControl(AttentionControl):
                 # its text (and reference-latent) keys stay (Stable Flow's KV injection).
                 tokens = call.tokens
                 padding = call.text_padding_mask(rows)
-                result = kv_concat(qg, tokens.non_image_tokens(k.index_select(0, index)),
-                                   tokens.non_image_tokens(v.index_select(0, index)), kp, vp, plain,
+                result = kv_concat(qg, tokens.non_image_tokens(take_rows(k, rows)),
+                                   tokens.non_image_tokens(take_rows(v, rows)), kp, vp, plain,
                                    self_mask=None if padding is None else tokens.non_image_tokens(padding, dim=-1))
             write_image_tokens(call, out, rows, result)
         return out

@@ -52,7 +52,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from ..attention.rows import ROLE_COND, ROLE_UNCOND
+from ..attention.rows import ROLE_COND, ROLE_UNCOND, take_rows
 from ..patching.branch_rows import EXTRA_ROW_CONTROLNET, borrowed_inputs, shared_inputs
 from . import kv_bank
 from .fingerprint import Guards, model_fingerprint, text_fingerprint
@@ -160,10 +160,13 @@ class ReferenceKV:
         layer = call.layer.key
         current = step is not None and _same_sigma(step.sigma, call.sigma_value)
         if rows:
-            index = torch.tensor(rows, device=k.device)
+            # Held past this call (the bank, a later call at this sigma): compact copies, never views
+            # that would keep the whole call's q/k/v alive. Used in this call only: views.
+            held = current and step.record and not step.complete and layer in step.needed
 
             def of_rows(t):
-                return call.image_part(t.index_select(0, index)).contiguous()
+                part = call.image_part(take_rows(t, rows))
+                return part.clone(memory_format=torch.contiguous_format) if held else part
 
             taken = {"k": of_rows(k), "v": of_rows(v)}
             wanted = step.needed.get(layer, ()) if current else ()
@@ -174,7 +177,7 @@ class ReferenceKV:
             if current and step.key is not None and call.joint and call.tokens.n_text != step.text_tokens:
                 # Another row of the call padded the text further than the key says: not for the bank.
                 step.key = None
-            if current and step.record and not step.complete and layer in step.needed:
+            if held:
                 step.tensors[layer] = taken
                 if step.tensors.keys() >= step.needed.keys():
                     step.complete = True
@@ -200,9 +203,9 @@ def own_context(call, rows: list[int], k, v) -> tuple[torch.Tensor, torch.Tensor
     """``rows``' (one text each, rows of one stream) non-image keys and values of a DiT's joint
     attention without the zero padding of the call's text: [rows, own text + reference tokens, C]."""
     k_rows, v_rows, keep = call.non_image_keys(rows, k, v)
-    if keep is None:
-        return k_rows.contiguous(), v_rows.contiguous()
-    return k_rows[:, keep[0]].contiguous(), v_rows[:, keep[0]].contiguous()
+    if keep is None:  # compact copies (held by the bank), never views of the call's k/v
+        return k_rows.clone(memory_format=torch.contiguous_format), v_rows.clone(memory_format=torch.contiguous_format)
+    return k_rows[:, keep[0]], v_rows[:, keep[0]]
 
 
 class BankSession:

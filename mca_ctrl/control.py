@@ -39,7 +39,7 @@ import torch
 from ..attention import mca_ctrl as mca
 from ..attention.cross_attention import word_attention_probs
 from ..attention.layers import select_layers
-from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND
+from ..attention.rows import ROLE_COND, ROLE_CONDITION, ROLE_SUBJECT, ROLE_UNCOND, take_rows
 from ..attention.token_grid import token_grid
 from ..inversion.reference_kv import FIELDS_CONTEXT, FIELDS_KV, FIELDS_QKV, ReferenceKV
 from ..inversion.stream import InvertedStream
@@ -374,8 +374,7 @@ class MCACtrl(AttentionControl):
         if not rows:
             return
         auto = self.masks.auto
-        index = torch.tensor(rows, device=q.device)
-        q, k = q.index_select(0, index), k.index_select(0, index)
+        q, k = take_rows(q, rows), take_rows(k, rows)
         if call.joint:
             # A DiT: the image queries against the row's own text keys (softmax over the text
             # keys only: a cross-attention map, never the joint N x N one), positions unrepeated.
@@ -490,7 +489,6 @@ class MCACtrl(AttentionControl):
         row, and the targets' text tokens on a DiT, as the rest of the chain computes them."""
         layout = call.layout
         device = q.device
-        targets_index = torch.tensor(targets, device=device)
         plain = call.plain
         # Only the stream rows (and untouched sampler rows) need plain attention, unless other
         # controls or another pack's patch follow: they expect the full rows.
@@ -502,19 +500,19 @@ class MCACtrl(AttentionControl):
             items = [min(layout.rows[t].item, region.shape[0] - 1) for t in targets]
             region = region.index_select(0, torch.tensor(items, device=device))
         # The streams' image-token inputs (``ReferenceKV.take``: image tokens only on a DiT).
-        k_s, v_s = torch.cat([s.k for s in subject_for]), torch.cat([s.v for s in subject_for])
+        k_s, v_s = _stacked([s.k for s in subject_for]), _stacked([s.v for s in subject_for])
         if self.scene_stream is None:  # generation: the target rows' own keys/values are the background
-            q_c, k_c, v_c = (image(t.index_select(0, targets_index)) for t in (q, k, v))
+            q_c, k_c, v_c = (image(take_rows(t, targets)) for t in (q, k, v))
         else:
-            k_c, v_c = torch.cat([c.k for c in condition_for]), torch.cat([c.v for c in condition_for])
+            k_c, v_c = _stacked([c.k for c in condition_for]), _stacked([c.v for c in condition_for])
         subject_keys = masks.subject_keys.to(device)
         if phase == mca.PHASE_SALQ:
-            out_targets = mca.salq(image(q.index_select(0, targets_index)), k_s, v_s, k_c, v_c, subject_keys, region,
+            out_targets = mca.salq(image(take_rows(q, targets)), k_s, v_s, k_c, v_c, subject_keys, region,
                                    plain, context=self._context_keys(call, k, v, targets))
         else:
-            q_s = torch.cat([s.q for s in subject_for])
+            q_s = _stacked([s.q for s in subject_for])
             if self.scene_stream is not None:
-                q_c = torch.cat([c.q for c in condition_for])
+                q_c = _stacked([c.q for c in condition_for])
             # On a DiT each stream's queries attend its own text keys (``FIELDS_CONTEXT``: from this
             # call's row or the bank); generation's condition is the target rows themselves.
             context_subject = context_condition = None
@@ -528,6 +526,11 @@ class MCACtrl(AttentionControl):
         return out
 
 
+def _stacked(tensors: list) -> torch.Tensor:
+    """The streams' tensors as one batch: the tensor itself when there is one (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _stream_context(streams) -> mca.ContextKeys:
     """The streams' own non-image keys (``StreamQKV.k_context``, one per target row), the shorter
     ones zero-padded and not kept: the branches' texts may differ in length."""
@@ -535,7 +538,7 @@ def _stream_context(streams) -> mca.ContextKeys:
     rows = sum(s.k_context.shape[0] for s in streams)
     first = streams[0].k_context
     if all(s.k_context.shape[1] == length for s in streams):
-        return mca.ContextKeys(torch.cat([s.k_context for s in streams]), torch.cat([s.v_context for s in streams]))
+        return mca.ContextKeys(_stacked([s.k_context for s in streams]), _stacked([s.v_context for s in streams]))
 
     def padded(t):
         return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention.layers import AttentionLayer
-from ..attention.rows import RowLayout
+from ..attention.rows import RowLayout, put_rows, take_rows
 from ..families.layout import TokenLayout
 
 _ids = itertools.count()
@@ -137,10 +137,9 @@ class AttentionCall:
         ``[len(rows), T, C]`` and which of those T tokens are the rows' own: a bool ``[len(rows), T]``,
         False on zero padding (``text_padding_mask``), or None where no row is padded."""
         tokens = self.tokens
-        index = torch.tensor(rows, device=k.device)
         padding = self.text_padding_mask(rows)
         keep = None if padding is None else tokens.non_image_tokens(padding, dim=-1)[:, 0] == 0
-        return tokens.non_image_tokens(k.index_select(0, index)), tokens.non_image_tokens(v.index_select(0, index)), keep
+        return tokens.non_image_tokens(take_rows(k, rows)), tokens.non_image_tokens(take_rows(v, rows)), keep
 
 
 def kept_outputs(call: AttentionCall, q, k, v, attend_next, targets: list[int], own_images: bool = False):
@@ -159,41 +158,30 @@ def kept_outputs(call: AttentionCall, q, k, v, attend_next, targets: list[int], 
     target_set = set(targets)
     others = [i for i in range(q.shape[0]) if i not in target_set]
     if others:
-        index = torch.tensor(others, device=q.device)
-        out.index_copy_(0, index, call.plain(q.index_select(0, index), k.index_select(0, index),
-                                             v.index_select(0, index), mask=call.text_padding_mask(others)))
+        put_rows(out, others, call.plain(take_rows(q, others), take_rows(k, others), take_rows(v, others),
+                                         mask=call.text_padding_mask(others)))
     if targets and call.joint:
         # The targets' text queries attend to their own joint keys, as in the unpatched model.
         tokens = call.tokens
-        index = torch.tensor(targets, device=q.device)
-        q_kept = tokens.non_image_tokens(q.index_select(0, index))
-        kept = call.plain(q_kept, k.index_select(0, index), v.index_select(0, index),
-                          mask=call.text_padding_mask(targets))
-        rows = out.index_select(0, index)
-        _scatter_non_image(tokens, rows, kept)
-        out.index_copy_(0, index, rows)
+        kept = call.plain(tokens.non_image_tokens(take_rows(q, targets)), take_rows(k, targets),
+                          take_rows(v, targets), mask=call.text_padding_mask(targets))
+        _scatter_non_image(tokens, out, targets, kept)
     return out
 
 
-def _scatter_non_image(tokens: TokenLayout, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` (the non-image tokens, in sequence order) into ``rows`` in place."""
+def _scatter_non_image(tokens: TokenLayout, out: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    """Write ``values`` (``rows``' non-image tokens, in sequence order) into ``out`` in place."""
     start = 0
     for part in sorted((p for p in (tokens.text, *tokens.extra) if p.stop > p.start), key=lambda p: p.start):
         n = part.stop - part.start
-        rows.narrow(1, part.start, n).copy_(values.narrow(1, start, n))
+        put_rows(out, rows, values.narrow(1, start, n), part=lambda block, p=part, n=n: block.narrow(1, p.start, n))
         start += n
 
 
 def write_image_tokens(call: AttentionCall, out: torch.Tensor, rows: list[int], image_out: torch.Tensor) -> None:
     """``out``'s image-token outputs of ``rows`` set to ``image_out`` (in place); the rows' other
     tokens keep theirs. On UNets (every token an image token) the rows are replaced whole."""
-    index = torch.tensor(rows, device=out.device)
-    if not call.joint:
-        out.index_copy_(0, index, image_out.to(out.dtype))
-        return
-    selected = out.index_select(0, index)
-    call.image_part(selected).copy_(image_out.to(out.dtype))
-    out.index_copy_(0, index, selected)
+    put_rows(out, rows, image_out, part=call.image_part if call.joint else None)
 
 
 AttendNext = Callable[..., torch.Tensor]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qkv_control.attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND, RowLayout
+from qkv_control.attention.rows import ROLE_COND, ROLE_REFERENCE, ROLE_UNCOND, RowLayout, put_rows, row_runs, take_rows
 from qkv_control.patching.branch_rows import append_rows, cat_contexts, zero_control_rows
 from qkv_control.patching.control import AttentionControl, ExtraRow
 from qkv_control.patching.patch import _without_control
@@ -62,3 +62,24 @@ def test_rows_without_control_outside_the_sampler_rows_is_an_error():
     control = Asks()
     with pytest.raises(ValueError, match=rf"{control.name} expected sampler rows 0-3 without ControlNet, got \[5\]"):
         _without_control((control,), None, {"input": []}, 4)
+
+
+def test_rows_are_taken_as_views_when_consecutive_and_written_in_place():
+    x = torch.arange(5 * 3 * 2, dtype=torch.float32).view(5, 3, 2)
+    assert row_runs([0, 1, 3, 4, 2]) == [(0, 0, 2), (2, 3, 2), (4, 2, 1)]
+    view = take_rows(x, [2, 3])
+    assert view.data_ptr() == x[2].data_ptr() and torch.equal(view, x[2:4])
+    gathered = take_rows(x, [3, 1])
+    assert gathered.data_ptr() not in (x[3].data_ptr(), x[1].data_ptr())
+    assert torch.equal(gathered, torch.stack([x[3], x[1]]))
+
+    out = torch.zeros(5, 3, 2)
+    values = torch.randn(3, 3, 2)
+    put_rows(out, [4, 0, 1], values)
+    assert torch.equal(out[4], values[0]) and torch.equal(out[:2], values[1:])
+    assert torch.equal(out[2:4], torch.zeros(2, 3, 2))
+    # a part of each row (a DiT's image tokens): tokens 1-2 of rows 1 and 3, the rest untouched
+    out = torch.zeros(5, 3, 2, dtype=torch.float64)
+    put_rows(out, [1, 3], values[:2, 1:], part=lambda block: block.narrow(1, 1, 2))
+    assert torch.equal(out[1, 1:], values[0, 1:].double()) and torch.equal(out[3, 1:], values[1, 1:].double())
+    assert not out[:, 0].any() and not out[[0, 2, 4]].any()

@@ -634,6 +634,13 @@ def with_extra(conditioning, **extra):
     return [[c, {**options, **extra}] for c, options in conditioning]
 
 
+def assert_entries_compact(bank):
+    """Every tensor the bank holds owns just its bytes: a copy, never a view that keeps a model
+    call's whole q/k/v (every row and token) alive behind a few rows' image tokens."""
+    held = [t for entry in bank._steps.values() for fields in entry.tensors.values() for t in fields.values()]
+    assert held and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in held)
+
+
 def assert_warm_changes_plain(d, warm, **options):
     """The reference acts: the warm result is far from plain sampling (the equalities mean something)."""
     plain, _ = dit_run(d, d["model"], **options)
@@ -655,6 +662,7 @@ def test_dit_indetail_warm_run_appends_no_stream_row(bank, family, schedule, bat
     plain_rows = DIT_PLAIN_ROWS[family] * batch
     cold, rows = dit_run(d, model, batch=batch)
     assert rows == [plain_rows + 1] * DIT_STEPS and bank.stats().steps == DIT_STEPS
+    assert_entries_compact(bank)
     assert torch.equal(cold, dit_run(d, without_bank(model), batch=batch)[0])
     warm, rows = dit_run(d, model, positive=d["other"], seed=1, batch=batch)
     assert rows == [plain_rows] * DIT_STEPS
@@ -814,6 +822,7 @@ def test_dit_mca_warm_run_appends_no_stream_row(bank, family, policy, generation
     model = dit_mca(d, policy, generation)
     _, rows = dit_run(d, model)
     assert rows == [cold] * DIT_STEPS
+    assert_entries_compact(bank)
     warm, rows = dit_run(d, model, seed=1)
     assert rows == [DIT_PLAIN_ROWS[family]] * DIT_STEPS
     assert_warm_equals(warm, dit_run(d, without_bank(model), seed=1)[0])

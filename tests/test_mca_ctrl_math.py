@@ -62,7 +62,7 @@ def test_salq_is_the_official_masked_key_fusion(attend, soft):
     calls = []
 
     def spy(q_, k_, v_, mask=None):
-        calls.append((k_.shape[1], mask))
+        calls.append((q_.shape[1], k_.shape[1], mask))
         return attend(q_, k_, v_, mask=mask)
 
     out = mca.salq(q, k_s, v_s, k_c, v_c, (m_s > 0).unsqueeze(0), m_t.unsqueeze(0), spy)
@@ -71,8 +71,11 @@ def test_salq_is_the_official_masked_key_fusion(attend, soft):
     r = m_t.view(1, n, 1)
     torch.testing.assert_close(out, r * fg + (1 - r) * bg, atol=ATOL, rtol=1e-5)
     # Shared key sets are gathered: 6 subject keys, 9 background keys; a mask only for the soft bias.
-    assert [c[0] for c in calls] == [6, 9]
-    assert calls[0][1] is None and (calls[1][1] is not None) == soft
+    assert [c[1] for c in calls] == [6, 9]
+    assert calls[0][2] is None and (calls[1][2] is not None) == soft
+    # Each query computes only the branches it has weight in: the region's 7 tokens (+ the 4 soft
+    # ones) the subject branch, the 9 tokens outside it (the soft ones included) the background.
+    assert [c[0] for c in calls] == ([11, 9] if soft else [7, 9])
 
 
 def test_salq_per_row_regions_use_float_masks(attend):

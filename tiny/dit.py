@@ -140,11 +140,12 @@ def _calibrate_output(family: str, model, seed: int) -> None:
     model.diffusion_model.final_layer.linear.weight.div_(float(out.std()))
 
 
-def tiny_dit(family: str = "flux", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A fresh ModelPatcher around a tiny diffusion transformer of ``family``."""
+def tiny_dit(family: str = "flux", seed: int = 0, overrides: dict | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A fresh ModelPatcher around a tiny diffusion transformer of ``family``; ``overrides``:
+    config entries to change (wider or deeper models for benchmarks)."""
     _check_family(family)
     config_cls, config = _CONFIGS[family]
-    model_config = config_cls(dict(config, dtype=torch.float32))
+    model_config = config_cls(dict(config, **(overrides or {}), dtype=torch.float32))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     initialise(model.diffusion_model, seed)
