@@ -250,9 +250,10 @@ def fuse(region: torch.Tensor, subject_part, background_part) -> torch.Tensor:
     out = None
     for weight, part in ((region, subject_part), (1.0 - region, background_part)):
         needed = (weight > 0).any(dim=0)
-        if not bool(needed.any()):
+        count = int(needed.sum())  # one device sync per branch
+        if count == 0:
             continue
-        if bool(needed.all()):
+        if count == needed.numel():
             values = weight.unsqueeze(-1) * part(None)
             out = values if out is None else out + values
             continue
